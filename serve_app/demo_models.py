@@ -132,7 +132,7 @@ def write_model(model: DemoModel, out_dir: Path) -> Path:
     tmp = out_dir / f".{model.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_weights(model.vocab_size), str(tmp / "consolidated.safetensors"))  # type: ignore[arg-type]
+    save_file(_weights(model.vocab_size), str(tmp / "consolidated.safetensors"))
     shutil.copyfile(tokenizer_source(model), tmp / model.tokenizer_name)
     (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)

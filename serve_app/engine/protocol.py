@@ -16,6 +16,10 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.config import ModelConfig
 
 
 class Route(str, enum.Enum):
@@ -43,6 +47,9 @@ class ModelInfo:
 
 class Engine(ABC):
     """One inference engine serving one model inside one replica."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
 
     @abstractmethod
     async def start(self) -> None:

@@ -19,13 +19,14 @@ import functools
 import importlib
 import inspect
 import logging
+import sys
 from argparse import Namespace
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import State
 
 from serve_app.config import ConfigError, ModelConfig
@@ -37,8 +38,14 @@ logger = logging.getLogger(__name__)
 # Where each piece lives, newest release first (0.32: launchers/ and serve/; 0.24: openai/).
 _CLI_ARGS_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 _API_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server", "vllm.entrypoints.openai.api_server")
-_CHAT_PROTOCOL_MODULES = ("vllm.entrypoints.openai.chat_completion.protocol", "vllm.entrypoints.openai.protocol")
-_COMPLETION_PROTOCOL_MODULES = ("vllm.entrypoints.openai.completion.protocol", "vllm.entrypoints.openai.protocol")
+_CHAT_PROTOCOL_MODULES = (
+    "vllm.entrypoints.openai.chat_completion.protocol",
+    "vllm.entrypoints.openai.protocol",
+)
+_COMPLETION_PROTOCOL_MODULES = (
+    "vllm.entrypoints.openai.completion.protocol",
+    "vllm.entrypoints.openai.protocol",
+)
 
 
 def _import_first(modules: tuple[str, ...], name: str) -> Any:
@@ -68,7 +75,7 @@ def _default_namespace() -> Namespace:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     make_arg_parser = _import_first(_CLI_ARGS_MODULES, "make_arg_parser")
-    return make_arg_parser(FlexibleArgumentParser()).parse_args([])  # type: ignore[no-any-return]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args([])
 
 
 @functools.cache
@@ -89,7 +96,9 @@ def _check_keys(kind: str, given: dict[str, Any], allowed: frozenset[str], model
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"model '{model_id}': {kind}.{key}: not a vLLM {kind[:-5]} argument{suggestion}")
+            raise ConfigError(
+                f"model '{model_id}': {kind}.{key}: not a vLLM {kind[:-5]} argument{suggestion}"
+            )
 
 
 def build_namespace(config: ModelConfig) -> Namespace:
@@ -104,6 +113,22 @@ def build_namespace(config: ModelConfig) -> Namespace:
     return ns
 
 
+@functools.cache
+def _engine_arg_types() -> dict[str, TypeAdapter[Any]]:
+    """A pydantic validator per engine argument, from AsyncEngineArgs' own annotations."""
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    module_globals = vars(sys.modules[EngineArgs.__module__])
+    adapters: dict[str, TypeAdapter[Any]] = {}
+    for field in dataclasses.fields(AsyncEngineArgs):
+        try:
+            hint = eval(field.type, module_globals) if isinstance(field.type, str) else field.type
+            adapters[field.name] = TypeAdapter(hint)
+        except Exception:  # an annotation pydantic cannot check (e.g. torch.dtype): vLLM checks it
+            continue
+    return adapters
+
+
 def _engine_args(ns: Namespace) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -113,14 +138,28 @@ def _engine_args(ns: Namespace) -> Any:
 def validate_engine_args(config: ModelConfig) -> None:
     """Check a model's engine and server arguments the way vLLM does, without loading it."""
     ns = build_namespace(config)
+    types = _engine_arg_types()
+    for key, value in config.engine_args.items():
+        if key in types:
+            try:
+                types[key].validate_python(value)
+            except ValidationError as exc:
+                msg = exc.errors(include_url=False)[0]["msg"]
+                raise ConfigError(f"model '{config.id}': engine_args.{key}: {msg}") from None
     try:
         _engine_args(ns)
     except Exception as exc:  # vLLM raises ValueError, TypeError, pydantic errors...
         raise ConfigError(f"model '{config.id}': engine_args: {exc}") from None
 
 
-def _is_local_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
+def _check_source(config: ModelConfig) -> None:
+    """A local source must be a directory; anything else is a Hugging Face repository id."""
+    source = config.source
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model '{config.id}': source directory {source} does not exist "
+            "(for the demo models run `make models`)"
+        )
 
 
 def _validation_error(exc: ValidationError) -> bytes:
@@ -146,7 +185,7 @@ class VLLMEngine(Engine):
     """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._routes: dict[Route, tuple[Any, type[BaseModel], Any]] = {}
@@ -154,13 +193,8 @@ class VLLMEngine(Engine):
         self._info: ModelInfo | None = None
 
     async def start(self) -> None:
-        source = self._config.source
-        if _is_local_path(source) and not Path(source).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"model '{self._config.id}': source directory {source} does not exist "
-                "(for the demo models run `make models`)"
-            )
-        ns = build_namespace(self._config)
+        _check_source(self.config)
+        ns = build_namespace(self.config)
         build_client = _import_first(_API_SERVER_MODULES, "build_async_engine_client_from_engine_args")
         init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
         self._client = await self._stack.enter_async_context(build_client(_engine_args(ns)))
@@ -187,7 +221,7 @@ class VLLMEngine(Engine):
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
         entry = self._routes.get(route)
         if entry is None:
-            yield Head(404, error_body(404, f"model '{self._config.id}' does not serve the {route.value} API"))
+            yield Head(404, error_body(404, f"model '{self.config.id}' does not serve the {route.value} API"))
             return
         serving, request_cls, create = entry
         try:
@@ -221,4 +255,3 @@ class VLLMEngine(Engine):
     async def shutdown(self) -> None:
         await self._stack.aclose()
         self._client = None
-

@@ -1,0 +1,75 @@
+"""Build the Serve application from its config: the `import_path` of `serve deploy`.
+
+Building validates the config (vLLM's own checks on the engine arguments included) and
+binds deployments; it starts nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppConfig, load_app_config
+from serve_app.engine.protocol import Engine
+from serve_app.ingress import ModelCard, make_ingress
+from serve_app.server import ModelServer
+
+INGRESS_NAME = "OpenAIIngress"
+
+
+def _owned_by(model_id: str) -> str:
+    return model_id.split("/", 1)[0] if "/" in model_id else "mistral-serve"
+
+
+def build_openai_app(
+    config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
+) -> Application:
+    """Bind one deployment per model and the OpenAI ingress in front of them."""
+    if validate_engine and engine_cls is None:
+        from serve_app.engine.vllm_engine import validate_engine_args
+
+        for model in config.models:
+            validate_engine_args(model)
+    handles = {}
+    cards = []
+    for model in config.models:
+        options = ModelServer.get_deployment_options(model)
+        handles[model.deployment_name] = (
+            serve.deployment(ModelServer).options(**options).bind(model, engine_cls)
+        )
+        max_len = model.engine_args.get("max_model_len")
+        cards.append(
+            ModelCard(
+                id=model.id,
+                aliases=model.aliases,
+                deployment=model.deployment_name,
+                owned_by=_owned_by(model.id),
+                max_model_len=int(max_len) if isinstance(max_len, int) else None,
+            )
+        )
+    ingress = config.ingress
+    return (
+        serve.deployment(make_ingress())
+        .options(
+            name=INGRESS_NAME,
+            num_replicas=ingress.num_replicas,
+            max_ongoing_requests=ingress.max_ongoing_requests,
+            ray_actor_options={"num_cpus": ingress.num_cpus},
+        )
+        .bind(handles, cards)
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Entry point for `serve deploy` / `serve run`: the application's `args` are an AppConfig.
+
+    An optional `config_dir` arg says where relative model file paths start (default: the
+    working directory).
+    """
+    args = dict(args)
+    base = args.pop("config_dir", None)
+    config = load_app_config(args, base_dir=Path(base) if base else None)
+    return build_openai_app(config)

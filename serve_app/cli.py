@@ -1,0 +1,234 @@
+"""Command line: run a Serve config on a local Ray instance, or write the demo models.
+
+    python -m serve_app run [CONFIG]        # default: configs/local.yaml
+    python -m serve_app check CONFIG        # validate a config and build the app, start nothing
+    python -m serve_app models [DIR]        # write the demo models (default: ./models)
+
+`run` starts a private local Ray instance, deploys the application, shows progress while the
+engines load, prints the URL, and on Ctrl-C (or SIGTERM) stops everything it started.
+To deploy to an existing Ray cluster use `serve deploy CONFIG` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
+
+DEFAULT_CONFIG = Path("configs/local.yaml")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load(path: Path) -> tuple[ServeFile, Any]:
+    serve_file = load_serve_file(path)
+    index_source = f"{path} (application '{serve_file.app_name}' args)"
+    config = load_app_config(serve_file.args, source=index_source)
+    return serve_file, config
+
+
+def _build(config: Any) -> Any:
+    from serve_app.builder import build_openai_app
+
+    return build_openai_app(config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    serve_file, config = _load(args.config)
+    print(f"{args.config}: {len(config.models)} model(s): " + ", ".join(m.id for m in config.models))
+    print("Checking engine arguments with vLLM...", flush=True)
+    _build(config)
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _descendants() -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
+    """Terminate processes of ours that outlived Ray's own shutdown; return how many there were."""
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    for proc in alive:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=grace_s)
+    for proc in still:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(alive)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _progress_line(status: Any, app_name: str) -> str:
+    app = status.applications.get(app_name)
+    if app is None:
+        return "waiting for the Serve controller"
+    parts = []
+    for name, dep in app.deployments.items():
+        running = dep.replica_states.get("RUNNING", 0)
+        total = sum(dep.replica_states.values())
+        parts.append(f"{name}: {running}/{total} replicas ready")
+    return f"[{app.status}] " + "; ".join(parts)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    serve_file, config = _load(args.config)
+    host = args.host or serve_file.http_host
+    port = args.port or serve_file.http_port
+    if not _is_loopback(host):
+        raise ConfigError(
+            f"{args.config}: http_options.host: {host} listens beyond loopback, and this "
+            "command serves without authentication; use 127.0.0.1, or deploy to a cluster "
+            "with `serve deploy` behind your own authenticating gateway"
+        )
+    print(
+        f"mistral-serve: {len(config.models)} model(s) from {args.config}: "
+        + ", ".join(m.id for m in config.models)
+    )
+    print("Checking engine arguments with vLLM...", flush=True)
+    app = _build(config)
+
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    started = time.monotonic()
+    owned: set[int] = set()
+    try:
+        print("Starting a local Ray instance...", flush=True)
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=args.dashboard,
+            log_to_driver=args.verbose,
+            logging_level="WARNING",
+            configure_logging=not args.verbose,
+        )
+        serve.start(http_options={"host": host, "port": port})
+        errors: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                serve.run(app, name=serve_file.app_name, route_prefix=serve_file.route_prefix)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        deployer = threading.Thread(target=deploy, daemon=True)
+        deployer.start()
+        print("Loading engines (the first start compiles kernels; a minute or two on a small CPU)...")
+        last = ""
+        while deployer.is_alive():
+            owned |= _descendants()
+            deployer.join(timeout=2.0)
+            line = _progress_line(serve.status(), serve_file.app_name)
+            if line != last:
+                print(f"  {time.monotonic() - started:5.0f}s  {line}", flush=True)
+                last = line
+        if errors:
+            raise errors[0]
+        owned |= _descendants()
+        url = f"http://{host}:{port}{serve_file.route_prefix.rstrip('/')}"
+        model = config.models[0].id
+        print(f"\nReady in {time.monotonic() - started:.0f}s. Serving on {url}")
+        print(f"  curl {url}/v1/models")
+        print(
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+        )
+        print("Press Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(5.0)
+            owned |= _descendants()
+    except (KeyboardInterrupt, _Stop):
+        print("\nStopping...", flush=True)
+    finally:
+        owned |= _descendants()
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            left = _kill_leftovers(owned)
+            if left:
+                print(f"Stopped {left} process(es) that outlived Ray's shutdown.")
+        print("Stopped.", flush=True)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from serve_app.demo_models import main as write_models
+
+    return write_models([str(args.out_dir)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mistral-serve", description="Serve Mistral models on Ray Serve + vLLM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a Serve config on a private local Ray instance")
+    run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument("--host", help="override http_options.host")
+    run.add_argument("--port", type=int, help="override http_options.port")
+    run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
+    run.add_argument("--verbose", action="store_true", help="show Ray and vLLM logs")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a Serve config and build its application")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=cmd_check)
+    models = sub.add_parser("models", help="write the demo models")
+    models.add_argument("out_dir", nargs="?", type=Path, default=Path("models"))
+    models.set_defaults(func=cmd_models)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

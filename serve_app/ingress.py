@@ -1,0 +1,189 @@
+"""The OpenAI-compatible ingress: one FastAPI app in front of every model deployment.
+
+The ingress reads only what it needs to route (`model`), and forwards the raw body to the
+model's deployment, which validates it with vLLM's own request models. Streams pass
+through chunk by chunk as the engine produces them: nothing is held back or re-encoded.
+Handles are created once, in the constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.engine.protocol import Head, Route
+from serve_app.errors import error_body
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "x-request-id"
+_JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What `/v1/models` says about one model; one card per deployment."""
+
+    id: str
+    aliases: tuple[str, ...]
+    deployment: str
+    owned_by: str
+    max_model_len: int | None = None
+
+    def to_openai(self, name: str, created: int, max_model_len: int | None) -> dict[str, Any]:
+        card: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": self.owned_by,
+            "root": self.id,
+            "aliases": [n for n in (self.id, *self.aliases) if n != name],
+        }
+        if max_model_len is not None:
+            card["max_model_len"] = max_model_len
+        return card
+
+
+def _error(status: int, message: str, param: str | None = None) -> Response:
+    return Response(error_body(status, message, param=param), status_code=status, media_type=_JSON)
+
+
+class OpenAIIngress:
+    """Routes OpenAI requests to model deployments by the request's `model`."""
+
+    def __init__(self, models: dict[str, DeploymentHandle], cards: list[ModelCard]) -> None:
+        self._created = int(time.time())
+        self._cards = cards
+        self._handles = models
+        # `.options()` builds a new handle: do it once here, not per request.
+        self._streams = {
+            name: handle.options(method_name="generate", stream=True) for name, handle in models.items()
+        }
+        self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
+        self._max_model_len: dict[str, int] = {
+            c.deployment: c.max_model_len for c in cards if c.max_model_len is not None
+        }
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, Route.CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, Route.COMPLETION)
+
+    async def list_models(self) -> Response:
+        data = [await self._card(name) for name in self._deployment_of]
+        return Response(json.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    async def get_model(self, model_id: str) -> Response:
+        if model_id not in self._deployment_of:
+            return _error(404, f"The model `{model_id}` does not exist.", param="model")
+        return Response(json.dumps(await self._card(model_id)), media_type=_JSON)
+
+    async def health(self) -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    async def _card(self, name: str) -> dict[str, Any]:
+        deployment = self._deployment_of[name]
+        card = next(c for c in self._cards if c.deployment == deployment)
+        if deployment not in self._max_model_len:
+            # Ask a running replica once; the answer never changes for a deployment.
+            try:
+                info = await asyncio.wait_for(self._handles[deployment].model_info.remote(), timeout=2.0)
+                self._max_model_len[deployment] = info.max_model_len
+            except Exception:  # no replica ready yet: list the model without it
+                pass
+        return card.to_openai(name, self._created, self._max_model_len.get(deployment))
+
+    async def _forward(self, request: Request, route: Route) -> Response:
+        # Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the
+        # request headers and returns it on the response; it becomes the engine's request id.
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"The request body is not valid JSON: {exc}")
+        if not isinstance(payload, dict):
+            return _error(400, "The request body must be a JSON object.")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "`model` is required and must be a string.", param="model")
+        deployment = self._deployment_of.get(model)
+        if deployment is None:
+            return _error(404, f"The model `{model}` does not exist.", param="model")
+
+        stream = self._streams[deployment].remote(route, body)
+        try:
+            head = await stream.__anext__()
+        except Exception as exc:
+            stream.cancel()
+            logger.warning("request %s: model %s failed before responding: %r", request_id, model, exc)
+            return _error(503, f"The model `{model}` could not serve the request; retry later.")
+        assert isinstance(head, Head)
+        if not head.stream:
+            return Response(head.body, status_code=head.status, media_type=_JSON)
+        return StreamingResponse(_relay(stream, request_id), media_type="text/event-stream")
+
+
+async def _relay(stream: DeploymentResponseGenerator, request_id: str) -> AsyncIterator[bytes]:
+    """Pass SSE chunks through; if the client goes away, cancel the engine request."""
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    except Exception as exc:
+        # The replica died mid-stream: end the stream the way OpenAI clients understand.
+        logger.warning("request %s: stream broke: %r", request_id, exc)
+        yield b"data: " + error_body(503, "The stream was interrupted by a server error.") + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:
+            stream.cancel()
+
+
+def _openai_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return _error(400, str(exc.errors()[:3]))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error in the ingress")
+        return _error(500, "Internal server error.")
+
+
+ROUTES: list[tuple[str, str, str]] = [
+    ("POST", "/v1/chat/completions", "chat_completions"),
+    ("POST", "/v1/completions", "completions"),
+    ("GET", "/v1/models", "list_models"),
+    ("GET", "/v1/models/{model_id:path}", "get_model"),
+    ("GET", "/health", "health"),
+]
+
+
+def make_ingress(cls: type[OpenAIIngress] = OpenAIIngress) -> type:
+    """Attach the OpenAI routes to `cls` and wrap it as a Serve ingress class."""
+    app = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    _openai_error_handlers(app)
+    for method, path, attr in ROUTES:
+        app.api_route(path, methods=[method])(getattr(cls, attr))
+    return serve.ingress(app)(cls)

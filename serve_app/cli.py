@@ -12,6 +12,7 @@ To deploy to an existing Ray cluster use `serve deploy CONFIG` instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import signal
@@ -50,7 +51,7 @@ def _build(config: Any) -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    serve_file, config = _load(args.config)
+    _serve_file, config = _load(args.config)
     print(f"{args.config}: {len(config.models)} model(s): " + ", ".join(m.id for m in config.models))
     print("Checking engine arguments with vLLM...", flush=True)
     _build(config)
@@ -80,16 +81,12 @@ def _kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
         except psutil.Error:
             continue
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.terminate()
-        except psutil.Error:
-            pass
     _, still = psutil.wait_procs(alive, timeout=grace_s)
     for proc in still:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     return len(alive)
 
 

@@ -12,7 +12,6 @@ To deploy to an existing Ray cluster use `serve deploy CONFIG` instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import os
 import signal
@@ -24,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
+from serve_app.processes import descendants, kill_leftovers
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 
@@ -57,37 +57,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     _build(config)
     print(f"{args.config}: OK")
     return 0
-
-
-def _descendants() -> set[int]:
-    import psutil
-
-    try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return set()
-
-
-def _kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
-    """Terminate processes of ours that outlived Ray's own shutdown; return how many there were."""
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.Error:
-            continue
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, still = psutil.wait_procs(alive, timeout=grace_s)
-    for proc in still:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    return len(alive)
 
 
 class _Stop(Exception):
@@ -156,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Loading engines (the first start compiles kernels; a minute or two on a small CPU)...")
         last = ""
         while deployer.is_alive():
-            owned |= _descendants()
+            owned |= descendants()
             deployer.join(timeout=2.0)
             line = _progress_line(serve.status(), serve_file.app_name)
             if line != last:
@@ -164,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 last = line
         if errors:
             raise errors[0]
-        owned |= _descendants()
+        owned |= descendants()
         url = f"http://{host}:{port}{serve_file.route_prefix.rstrip('/')}"
         model = config.models[0].id
         print(f"\nReady in {time.monotonic() - started:.0f}s. Serving on {url}")
@@ -176,17 +145,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(5.0)
-            owned |= _descendants()
+            owned |= descendants()
     except (KeyboardInterrupt, _Stop):
         print("\nStopping...", flush=True)
     finally:
-        owned |= _descendants()
+        owned |= descendants()
         try:
             if ray.is_initialized():
                 serve.shutdown()
         finally:
             ray.shutdown()
-            left = _kill_leftovers(owned)
+            left = kill_leftovers(owned)
             if left:
                 print(f"Stopped {left} process(es) that outlived Ray's shutdown.")
         print("Stopped.", flush=True)

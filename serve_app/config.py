@@ -48,7 +48,6 @@ class AutoscalingOptions(StrictModel):
     downscale_delay_s: float = Field(
         60.0, ge=0, description="Seconds load must stay low before scaling down."
     )
-    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas report their load.")
     look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
 
     @model_validator(mode="after")

@@ -125,7 +125,7 @@ class OpenAIIngress:
         if deployment is None:
             return _error(404, f"The model `{model}` does not exist.", param="model")
 
-        stream = self._streams[deployment].remote(route, body)
+        stream = self._streams[deployment].remote(route, body, request_id)
         try:
             head = await stream.__anext__()
         except Exception as exc:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.config import ModelConfig
-from serve_app.engine.protocol import Engine, Head, ModelInfo, Route
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,6 +36,9 @@ class ModelServer:
 
     async def model_info(self) -> ModelInfo:
         return self._engine.info()
+
+    async def engine_stats(self) -> EngineStats:
+        return self._engine.stats()
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -75,7 +78,6 @@ class ModelServer:
                     or max(1.0, dep.max_ongoing_requests / 2),
                     "upscale_delay_s": auto.upscale_delay_s,
                     "downscale_delay_s": auto.downscale_delay_s,
-                    "metrics_interval_s": auto.metrics_interval_s,
                     "look_back_period_s": auto.look_back_period_s,
                 }
         return options

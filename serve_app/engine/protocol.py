@@ -45,6 +45,13 @@ class ModelInfo:
     max_model_len: int
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Live load of an engine."""
+
+    in_flight: int  # requests the engine has accepted and not yet finished or aborted
+
+
 class Engine(ABC):
     """One inference engine serving one model inside one replica."""
 
@@ -66,6 +73,10 @@ class Engine(ABC):
     @abstractmethod
     def info(self) -> ModelInfo:
         """Facts about the loaded model."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """The engine's current load."""
 
     @abstractmethod
     async def shutdown(self) -> None:

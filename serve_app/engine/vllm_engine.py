@@ -30,7 +30,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import State
 
 from serve_app.config import ConfigError, ModelConfig
-from serve_app.engine.protocol import Engine, Head, ModelInfo, Route
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
 from serve_app.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,11 @@ class VLLMEngine(Engine):
                 yield chunk.encode()
         finally:
             await result.aclose()
+
+    def stats(self) -> EngineStats:
+        if self._client is None:
+            return EngineStats(in_flight=0)
+        return EngineStats(in_flight=int(self._client.output_processor.get_num_unfinished_requests()))
 
     async def check_health(self) -> None:
         if self._client is None:

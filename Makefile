@@ -42,7 +42,7 @@ $(DEMO_MODELS) &: $(STAMP) serve_app/demo_models.py
 	$(PY) -m serve_app models $(MODELS_DIR)
 
 run: install models
-	$(PY) -m serve_app run $(CONFIG)
+	$(PY) -m serve_app run $(CONFIG) $(RUN_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)

@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppConfig, load_app_config
+from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_config
 from serve_app.engine.protocol import Engine
 from serve_app.ingress import ModelCard, make_ingress
 from serve_app.server import ModelServer
@@ -24,15 +24,27 @@ def _owned_by(model_id: str) -> str:
     return model_id.split("/", 1)[0] if "/" in model_id else "mistral-serve"
 
 
+def _validate_engine(model: ModelConfig) -> None:
+    if model.engine == "fake":
+        from serve_app.engine.fake import FakeEngine
+
+        try:
+            FakeEngine.validate(model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return
+    from serve_app.engine.vllm_engine import validate_engine_args
+
+    validate_engine_args(model)
+
+
 def build_openai_app(
     config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
 ) -> Application:
     """Bind one deployment per model and the OpenAI ingress in front of them."""
     if validate_engine and engine_cls is None:
-        from serve_app.engine.vllm_engine import validate_engine_args
-
         for model in config.models:
-            validate_engine_args(model)
+            _validate_engine(model)
     handles = {}
     cards = []
     for model in config.models:
@@ -48,6 +60,7 @@ def build_openai_app(
                 deployment=model.deployment_name,
                 owned_by=_owned_by(model.id),
                 max_model_len=int(max_len) if isinstance(max_len, int) else None,
+                wait_timeout_s=model.deployment.request_wait_timeout_s,
             )
         )
     ingress = config.ingress

@@ -14,12 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
+
+# vLLM's usual max_num_seqs on a GPU; set engine_args.max_num_seqs to size a model exactly.
+DEFAULT_MAX_NUM_SEQS = 256
 
 
 class ConfigError(ValueError):
@@ -31,7 +34,13 @@ class StrictModel(BaseModel):
 
 
 class AutoscalingOptions(StrictModel):
-    """Ray Serve autoscaling for one model (a subset of Serve's `autoscaling_config`)."""
+    """Autoscaling of one model, driven by mistral-serve's LLM-aware policy.
+
+    The policy (serve_app.autoscaling) sizes the deployment by the larger of the requests
+    its routers count and the requests its engines hold (running + waiting), adds a replica
+    while the engines queue for lack of KV cache, and shrinks only when the remaining
+    replicas would run well under target (hysteresis).
+    """
 
     min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
@@ -41,14 +50,32 @@ class AutoscalingOptions(StrictModel):
     target_ongoing_requests: float | None = Field(
         None,
         gt=0,
-        description="Ongoing requests per replica that the autoscaler aims for "
-        "(default: half of the replica's max_ongoing_requests).",
+        description="Requests per replica the policy aims for (default: 3/4 of the engine's max_num_seqs).",
     )
-    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds load must stay high before scaling up.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="Seconds load must stay high before scaling up.")
     downscale_delay_s: float = Field(
         60.0, ge=0, description="Seconds load must stay low before scaling down."
     )
-    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds idle before going from 1 replica to 0 (default: downscale_delay_s)."
+    )
+    look_back_period_s: float = Field(5.0, gt=0, description="Window over which load is averaged.")
+    metrics_interval_s: float = Field(
+        1.0, gt=0, description="How often routers and replicas report load to the autoscaler."
+    )
+    downscale_utilization: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Scale down only while the remaining replicas would run at most this share of "
+        "target_ongoing_requests (hysteresis against flapping).",
+    )
+    kv_cache_high: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="KV-cache use above which requests waiting in an engine add a replica.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingOptions:
@@ -72,14 +99,26 @@ class DeploymentOptions(StrictModel):
     autoscaling: AutoscalingOptions | None = Field(
         None, description="Autoscaling bounds and targets; used when num_replicas is unset."
     )
-    max_ongoing_requests: int = Field(
-        64, ge=1, description="Requests one replica handles at once; more wait at the router."
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one replica handles at once; more wait at the router "
+        "(default: the engine's max_num_seqs).",
     )
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests that may wait at each router for a replica (-1: no limit)."
     )
-    graceful_shutdown_timeout_s: float = Field(
-        120.0, ge=0, description="Seconds a stopping replica gets to finish its in-flight requests."
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds a stopping replica gets to finish its in-flight requests (default: the "
+        "longest generation, max_model_len tokens at 20 tokens/s, between 60 s and 1 h).",
+    )
+    request_wait_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a request may wait at the ingress for a replica to accept it (e.g. while "
+        "the model scales up from zero); past it the client gets 503 with Retry-After.",
     )
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds a health check may take.")
@@ -105,6 +144,11 @@ class ModelConfig(StrictModel):
     source: str = Field(
         min_length=1,
         description="Hugging Face repository id or local directory holding the weights.",
+    )
+    engine: Literal["vllm", "fake"] = Field(
+        "vllm",
+        description="The engine: vllm, or fake (no model: answers at a set speed, for load and "
+        "scaling tests; its engine_args are ttft_s, tokens_per_s, max_num_seqs, max_model_len).",
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -147,6 +191,29 @@ class ModelConfig(StrictModel):
     def deployment_name(self) -> str:
         """A Ray Serve deployment name derived from the id: `mistralai/X` -> `mistralai--X`."""
         return _DEPLOYMENT_NAME_UNSAFE.sub("-", self.id.replace("/", "--"))
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one engine runs at once: the replica's real capacity."""
+        return int(self.engine_args.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.deployment.max_ongoing_requests or self.max_num_seqs
+
+    @property
+    def target_ongoing_requests(self) -> float:
+        auto = self.deployment.autoscaling
+        if auto is not None and auto.target_ongoing_requests is not None:
+            return auto.target_ongoing_requests
+        return max(1.0, 0.75 * self.max_num_seqs)
+
+    @property
+    def graceful_shutdown_timeout_s(self) -> float:
+        if self.deployment.graceful_shutdown_timeout_s is not None:
+            return self.deployment.graceful_shutdown_timeout_s
+        max_len = int(self.engine_args.get("max_model_len") or 32768)
+        return min(3600.0, max(60.0, max_len / 20))
 
     @property
     def gpus_per_replica(self) -> float:

@@ -31,6 +31,7 @@ logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "x-request-id"
 _JSON = "application/json"
+RETRY_AFTER_S = 10
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelCard:
     deployment: str
     owned_by: str
     max_model_len: int | None = None
+    wait_timeout_s: float = 300.0  # how long a request may wait for a replica to take it
 
     def to_openai(self, name: str, created: int, max_model_len: int | None) -> dict[str, Any]:
         card: dict[str, Any] = {
@@ -57,8 +59,11 @@ class ModelCard:
         return card
 
 
-def _error(status: int, message: str, param: str | None = None) -> Response:
-    return Response(error_body(status, message, param=param), status_code=status, media_type=_JSON)
+def _error(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    body = error_body(status, message, param=param)
+    return Response(body, status_code=status, media_type=_JSON, headers=headers)
 
 
 class OpenAIIngress:
@@ -73,6 +78,7 @@ class OpenAIIngress:
             name: handle.options(method_name="generate", stream=True) for name, handle in models.items()
         }
         self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
+        self._wait_timeout_s = {c.deployment: c.wait_timeout_s for c in cards}
         self._max_model_len: dict[str, int] = {
             c.deployment: c.max_model_len for c in cards if c.max_model_len is not None
         }
@@ -127,7 +133,18 @@ class OpenAIIngress:
 
         stream = self._streams[deployment].remote(route, body, request_id)
         try:
+            # The request waits here (not failed) while the model has no free replica, e.g.
+            # while it scales up from zero; the wait is bounded per model.
+            await asyncio.wait_for(stream.__anext__(), timeout=self._wait_timeout_s[deployment])
             head = await stream.__anext__()
+        except asyncio.TimeoutError:
+            stream.cancel()
+            logger.warning("request %s: no replica of %s took it in time", request_id, model)
+            return _error(
+                503,
+                f"The model `{model}` has no replica ready to serve the request; retry later.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         except Exception as exc:
             stream.cancel()
             logger.warning("request %s: model %s failed before responding: %r", request_id, model, exc)

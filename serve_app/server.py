@@ -6,14 +6,19 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
 
 logger = logging.getLogger("ray.serve")
 
 
-def _default_engine_cls() -> type[Engine]:
-    # Imported here so that building the application does not import vLLM.
+def engine_class(config: ModelConfig) -> type[Engine]:
+    """The engine a model config asks for (imported here: building the app imports no vLLM)."""
+    if config.engine == "fake":
+        from serve_app.engine.fake import FakeEngine
+
+        return FakeEngine
     from serve_app.engine.vllm_engine import VLLMEngine
 
     return VLLMEngine
@@ -24,13 +29,17 @@ class ModelServer:
 
     async def __init__(self, config: ModelConfig, engine_cls: type[Engine] | None = None) -> None:  # type: ignore[misc]
         self._config = config
-        self._engine = (engine_cls or _default_engine_cls())(config)
+        self._engine = (engine_cls or engine_class(config))(config)
         logger.info("model %s: starting engine", config.id)
         await self._engine.start()
         logger.info("model %s: engine ready", config.id)
 
-    async def generate(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
-        """Stream one request's response: a `Head`, then SSE bytes if it streams."""
+    async def generate(
+        self, route: Route, body: bytes, request_id: str
+    ) -> AsyncIterator[Head | bytes | None]:
+        """Stream one request's response: `None` as soon as this replica has taken the request
+        (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams."""
+        yield None
         async for item in self._engine.handle(route, body, request_id):
             yield item
 
@@ -46,38 +55,62 @@ class ModelServer:
     async def __del__(self) -> None:
         await self._engine.shutdown()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the engine reports to the autoscaling policy (serve_app.autoscaling)."""
+        stats = self._engine.stats()
+        return {
+            RUNNING: float(stats.running),
+            WAITING: float(stats.waiting),
+            KV_CACHE: float(stats.kv_cache_usage),
+        }
+
     @classmethod
     def get_deployment_options(cls, config: ModelConfig) -> dict[str, Any]:
         """The Ray Serve options of this model's deployment, derived from its config."""
         dep = config.deployment
+        gpus = config.gpus_per_replica
+        env = dict(config.env)
         options: dict[str, Any] = {
             "name": config.deployment_name,
-            "max_ongoing_requests": dep.max_ongoing_requests,
+            "max_ongoing_requests": config.max_ongoing_requests,
             "max_queued_requests": dep.max_queued_requests,
-            "graceful_shutdown_timeout_s": dep.graceful_shutdown_timeout_s,
+            "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
             "health_check_period_s": dep.health_check_period_s,
             "health_check_timeout_s": dep.health_check_timeout_s,
             "ray_actor_options": {
                 "num_cpus": config.num_cpus,
-                "num_gpus": config.gpus_per_replica,
-                "runtime_env": {"env_vars": dict(config.env)} if config.env else {},
+                "num_gpus": gpus,
+                "runtime_env": {"env_vars": env} if env else {},
             },
         }
-        if dep.num_replicas is not None:
-            options["num_replicas"] = dep.num_replicas
-        else:
-            auto = dep.autoscaling
-            if auto is None:
-                options["num_replicas"] = 1
-            else:
-                options["autoscaling_config"] = {
-                    "min_replicas": auto.min_replicas,
-                    "max_replicas": auto.max_replicas,
-                    "initial_replicas": auto.initial_replicas,
-                    "target_ongoing_requests": auto.target_ongoing_requests
-                    or max(1.0, dep.max_ongoing_requests / 2),
-                    "upscale_delay_s": auto.upscale_delay_s,
-                    "downscale_delay_s": auto.downscale_delay_s,
-                    "look_back_period_s": auto.look_back_period_s,
-                }
+        if gpus > 0:
+            # One bundle holding all of a replica's GPUs (tensor x pipeline parallel), so Ray
+            # places each replica whole on one node and spreads replicas over GPU nodes; a
+            # pending bundle is what makes the Ray autoscaler add a GPU node.
+            options["placement_group_bundles"] = [{"CPU": config.num_cpus, "GPU": gpus}]
+            options["placement_group_strategy"] = "STRICT_PACK"
+        auto = dep.autoscaling
+        if dep.num_replicas is not None or auto is None:
+            options["num_replicas"] = dep.num_replicas or 1
+            return options
+        options["autoscaling_config"] = {
+            "min_replicas": auto.min_replicas,
+            "max_replicas": auto.max_replicas,
+            "initial_replicas": auto.initial_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+            "downscale_to_zero_delay_s": auto.downscale_to_zero_delay_s,
+            "look_back_period_s": auto.look_back_period_s,
+            # Deprecated in Ray 2.60 in favour of process-wide environment variables, but
+            # still honoured, and the only per-deployment way to report load every second.
+            "metrics_interval_s": auto.metrics_interval_s,
+            "policy": {
+                "policy_function": POLICY_IMPORT_PATH,
+                "policy_kwargs": {
+                    "downscale_utilization": auto.downscale_utilization,
+                    "kv_cache_high": auto.kv_cache_high,
+                },
+            },
+        }
         return options

@@ -50,6 +50,9 @@ class EngineStats:
     """Live load of an engine."""
 
     in_flight: int  # requests the engine has accepted and not yet finished or aborted
+    running: int = 0  # requests being generated
+    waiting: int = 0  # requests queued inside the engine (no batch slot or KV cache yet)
+    kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
 
 
 class Engine(ABC):

@@ -181,6 +181,31 @@ def _validation_error(exc: ValidationError) -> bytes:
     return error_body(400, "\n".join(lines), param=param or None)
 
 
+_GAUGES = frozenset(
+    {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",  # the name before vLLM 0.10
+    }
+)
+
+
+def _vllm_gauges() -> dict[str, float]:
+    """The engine's scheduler gauges, read from vLLM's own Prometheus metrics in this process.
+
+    vLLM updates them from every engine step's scheduler statistics; reading them here needs
+    no change to how the engine is built, in any vLLM release.
+    """
+    from prometheus_client import REGISTRY
+
+    values: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if family.name in _GAUGES:
+            values[family.name] = float(sum(sample.value for sample in family.samples))
+    return values
+
+
 class VLLMEngine(Engine):
     """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top."""
 
@@ -250,7 +275,15 @@ class VLLMEngine(Engine):
     def stats(self) -> EngineStats:
         if self._client is None:
             return EngineStats(in_flight=0)
-        return EngineStats(in_flight=int(self._client.output_processor.get_num_unfinished_requests()))
+        gauges = _vllm_gauges()
+        return EngineStats(
+            in_flight=int(self._client.output_processor.get_num_unfinished_requests()),
+            running=int(gauges.get("vllm:num_requests_running", 0)),
+            waiting=int(gauges.get("vllm:num_requests_waiting", 0)),
+            kv_cache_usage=gauges.get(
+                "vllm:kv_cache_usage_perc", gauges.get("vllm:gpu_cache_usage_perc", 0.0)
+            ),
+        )
 
     async def check_health(self) -> None:
         if self._client is None:

@@ -59,5 +59,36 @@ def test_deployment_options_follow_the_config() -> None:
     assert options["ray_actor_options"]["num_gpus"] == 0
     assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
     assert options["autoscaling_config"]["max_replicas"] == 3
-    assert options["autoscaling_config"]["target_ongoing_requests"] == 5
     assert "num_replicas" not in options
+    assert options["max_ongoing_requests"] == 10
+    policy = options["autoscaling_config"]["policy"]
+    assert policy["policy_function"] == "serve_app.autoscaling:LLMAutoscalingPolicy"
+    assert "placement_group_bundles" not in options  # a CPU model needs no GPU bundle
+
+
+def test_llm_sized_defaults_follow_max_num_seqs() -> None:
+    config = load_app_config(
+        {
+            "models": [
+                {
+                    "id": "m",
+                    "source": "org/m",
+                    "engine_args": {"max_num_seqs": 64, "max_model_len": 8192, "tensor_parallel_size": 2},
+                    "deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 4}},
+                }
+            ]
+        }
+    )
+    options = ModelServer.get_deployment_options(config.models[0])
+    assert options["max_ongoing_requests"] == 64
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 48
+    assert options["graceful_shutdown_timeout_s"] == 8192 / 20
+    # A TP=2 replica asks for both GPUs in one bundle, packed on one node.
+    assert options["ray_actor_options"]["num_gpus"] == 2
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 2.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    # Ray Serve accepts the whole autoscaling config, the custom policy included.
+    from ray.serve.config import AutoscalingConfig
+
+    auto = AutoscalingConfig(**options["autoscaling_config"])
+    assert auto.min_replicas == 0 and auto.policy.policy_function.endswith("LLMAutoscalingPolicy")

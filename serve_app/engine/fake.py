@@ -1,0 +1,195 @@
+"""A fake engine for load and scaling tests: OpenAI-shaped answers at a set speed, no model.
+
+It honours the same contract as the vLLM engine (tests/contract runs both through the same
+tests): a `Head` first, OpenAI chat/completion bodies and SSE chunks, 400s in OpenAI's
+shape for bad bodies, usage counts, and cancellation that frees the request at once. Its
+time to first token and token rate are knobs, and at most `max_num_seqs` requests run at
+once (the rest wait, as in an engine's scheduler), so autoscaling can be tested with many
+replicas on a small machine.
+
+Use it with `engine: fake` in a model config; `engine_args` then takes FakeEngineArgs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve_app.config import ModelConfig
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
+from serve_app.errors import error_body
+
+
+class FakeEngineArgs(BaseModel):
+    """Knobs of the fake engine (its `engine_args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_s: float = Field(0.05, ge=0, description="Seconds from request to first token.")
+    tokens_per_s: float = Field(50.0, gt=0, description="Tokens per second per request after the first.")
+    max_num_seqs: int = Field(8, ge=1, description="Requests generated at once; more wait.")
+    max_model_len: int = Field(4096, ge=16, description="Context length: prompt + max_tokens.")
+    startup_s: float = Field(0.0, ge=0, description="Seconds start() takes (a model load).")
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _int_field(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _BadRequest(f"{name} must be an integer", name)
+    return value
+
+
+class FakeEngine(Engine):
+    """Deterministic OpenAI answers ("tok0 tok1 ...") at `tokens_per_s` after `ttft_s`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.args = FakeEngineArgs.model_validate(config.engine_args)
+        self._slots = asyncio.Semaphore(self.args.max_num_seqs)
+        self._in_flight = 0
+        self._running = 0
+        self._started = False
+
+    @staticmethod
+    def validate(config: ModelConfig) -> None:
+        try:
+            FakeEngineArgs.model_validate(config.engine_args)
+        except ValidationError as exc:
+            raise ValueError(f"model '{config.id}': engine_args: {exc}") from None
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.args.startup_s)
+        self._started = True
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(max_model_len=self.args.max_model_len)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            in_flight=self._in_flight,
+            running=self._running,
+            waiting=self._in_flight - self._running,
+            kv_cache_usage=self._running / self.args.max_num_seqs,
+        )
+
+    async def check_health(self) -> None:
+        if not self._started:
+            raise RuntimeError("the fake engine has not been started")
+
+    async def shutdown(self) -> None:
+        self._started = False
+
+    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], int, int]:
+        try:
+            req = json.loads(body)
+        except ValueError as exc:
+            raise _BadRequest(f"invalid JSON: {exc}") from None
+        if not isinstance(req, dict):
+            raise _BadRequest("the body must be a JSON object")
+        if route is Route.CHAT:
+            messages = req.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _BadRequest("messages must be a non-empty array", "messages")
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+                raise _BadRequest("each message needs a role", "messages")
+            text = " ".join(str(m.get("content", "")) for m in messages)
+        else:
+            prompt = req.get("prompt")
+            if not isinstance(prompt, str | list) or not prompt:
+                raise _BadRequest("prompt must be a string or an array", "prompt")
+            text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        prompt_tokens = len(text.split()) + 4
+        max_tokens = _int_field(req, "max_completion_tokens", None) or _int_field(req, "max_tokens", 16)
+        assert max_tokens is not None
+        if max_tokens < 1:
+            raise _BadRequest("max_tokens must be at least 1", "max_tokens")
+        if prompt_tokens + max_tokens > self.args.max_model_len:
+            raise _BadRequest(
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={self.args.max_model_len}",
+                "max_tokens",
+            )
+        return req, prompt_tokens, max_tokens
+
+    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+        if not self._started:
+            raise RuntimeError("the fake engine has not been started")
+        try:
+            req, prompt_tokens, max_tokens = self._parse(route, body)
+        except _BadRequest as exc:
+            yield Head(400, error_body(400, str(exc), param=exc.param))
+            return
+        self._in_flight += 1
+        try:
+            async with self._slots:
+                self._running += 1
+                try:
+                    async for item in self._generate(route, req, request_id, prompt_tokens, max_tokens):
+                        yield item
+                finally:
+                    self._running -= 1
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(
+        self, route: Route, req: dict[str, Any], request_id: str, prompt_tokens: int, n: int
+    ) -> AsyncIterator[Head | bytes]:
+        chat = route is Route.CHAT
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        created = int(time.time())
+        model = str(req.get("model", self.config.id))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        base = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+        }
+        await asyncio.sleep(self.args.ttft_s)
+        gap = 1.0 / self.args.tokens_per_s
+        if not req.get("stream"):
+            await asyncio.sleep(gap * (n - 1))
+            text = " ".join(f"tok{i}" for i in range(n))
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            obj = "chat.completion" if chat else "text_completion"
+            full = {**base, "object": obj, "choices": [choice], "usage": usage}
+            yield Head(200, json.dumps(full).encode())
+            return
+        yield Head(200, stream=True)
+        if chat:
+            role = {"role": "assistant", "content": ""}
+            first = {"index": 0, "delta": role, "logprobs": None, "finish_reason": None}
+            yield _sse({**base, "choices": [first]})
+        for i in range(n):
+            if i:
+                await asyncio.sleep(gap)
+            piece = f"tok{i}" if i == 0 else f" tok{i}"
+            finish = "length" if i == n - 1 else None
+            part = {"content": piece} if chat else None
+            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice.update({"delta": part} if chat else {"text": piece})
+            yield _sse({**base, "choices": [choice]})
+        options = req.get("stream_options") or {}
+        if isinstance(options, dict) and options.get("include_usage"):
+            yield _sse({**base, "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,193 @@
+"""The engine contract (serve_app.engine.protocol), run against the vLLM engine and the fake.
+
+Both engines run in-process here (no Ray): the fake engine may stand in for vLLM in scale
+tests only because it passes exactly these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from serve_app.config import ModelConfig, load_app_config, load_serve_file
+from serve_app.engine.fake import FakeEngine
+from serve_app.engine.protocol import Engine, Head, Route
+from tests.conftest import ROOT
+
+T = TypeVar("T")
+MESSAGES = [{"role": "user", "content": "Who is the best French painter?"}]
+
+
+class Harness:
+    """An engine started on its own event loop, which every call of the test then uses."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def collect(self, route: Route, body: dict[str, Any]) -> list[Head | bytes]:
+        async def go() -> list[Head | bytes]:
+            return [item async for item in self.engine.handle(route, json.dumps(body).encode(), "rid-1")]
+
+        return self.run(go())
+
+
+def _vllm_model() -> ModelConfig:
+    config = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
+    model = config.find("tiny-mistral-v3")
+    assert model is not None
+    return model
+
+
+@pytest.fixture(scope="module", params=["fake", "vllm"])
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    engine: Engine
+    if request.param == "fake":
+        engine = FakeEngine(
+            ModelConfig(id="tiny-mistral-v3", source="none", engine="fake", engine_args={"tokens_per_s": 200})
+        )
+    else:
+        from serve_app.engine.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(_vllm_model())
+    h = Harness(engine)
+    h.run(engine.start())
+    try:
+        yield h
+    finally:
+        h.run(engine.shutdown())
+        h.loop.close()
+
+
+def _sse_payloads(items: list[Head | bytes]) -> list[str]:
+    data = b"".join(i for i in items if isinstance(i, bytes)).decode()
+    assert data.endswith("\n\n")
+    events = data[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[len("data: ") :] for e in events]
+
+
+def test_chat_non_streaming(harness: Harness) -> None:
+    items = harness.collect(
+        Route.CHAT, {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 5, "ignore_eos": True}
+    )
+    assert len(items) == 1
+    head = items[0]
+    assert isinstance(head, Head) and head.status == 200 and not head.stream
+    body = json.loads(head.body)
+    assert body["object"] == "chat.completion"
+    assert body["id"] == "chatcmpl-rid-1"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+def test_completion_non_streaming(harness: Harness) -> None:
+    items = harness.collect(
+        Route.COMPLETION, {"model": "tiny-mistral-v3", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+    )
+    head = items[0]
+    assert isinstance(head, Head) and head.status == 200
+    body = json.loads(head.body)
+    assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_chat_streaming_with_usage(harness: Harness) -> None:
+    items = harness.collect(
+        Route.CHAT,
+        {
+            "model": "tiny-mistral-v3",
+            "messages": MESSAGES,
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    head = items[0]
+    assert isinstance(head, Head) and head.status == 200 and head.stream
+    assert all(isinstance(i, bytes) for i in items[1:])
+    payloads = _sse_payloads(items)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-rid-1" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert [f for f in finishes if f] == ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_completion_streaming_without_usage(harness: Harness) -> None:
+    items = harness.collect(
+        Route.COMPLETION,
+        {"model": "tiny-mistral-v3", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True, "stream": True},
+    )
+    payloads = _sse_payloads(items)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(not c.get("usage") for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        (Route.CHAT, {"model": "tiny-mistral-v3", "messages": "hello"}, "messages"),
+        (Route.COMPLETION, {"model": "tiny-mistral-v3", "prompt": 12}, "prompt"),
+        (Route.CHAT, {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 10**6}, "max_tokens"),
+    ],
+)
+def test_bad_request_is_one_openai_400(
+    harness: Harness, route: Route, body: dict[str, Any], param: str
+) -> None:
+    items = harness.collect(route, body)
+    assert len(items) == 1
+    head = items[0]
+    assert isinstance(head, Head) and head.status == 400 and not head.stream
+    error = json.loads(head.body)["error"]
+    assert error["code"] == 400 and error["type"] == "BadRequestError" and error["message"]
+    assert error["param"] == param
+
+
+def test_closing_a_stream_frees_the_request(harness: Harness) -> None:
+    body = {
+        "model": "tiny-mistral-v3",
+        "messages": MESSAGES,
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+    async def go() -> None:
+        gen = harness.engine.handle(Route.CHAT, json.dumps(body).encode(), "rid-cancel")
+        assert isinstance(gen, AsyncIterator)
+        head = await gen.__anext__()
+        assert isinstance(head, Head) and head.stream
+        await gen.__anext__()
+        await gen.__anext__()
+        stats = harness.engine.stats()
+        assert stats.in_flight == 1 and stats.running + stats.waiting >= 1
+        await gen.aclose()  # what a Serve cancellation does to the replica's generator
+        deadline = time.monotonic() + 1.0
+        while harness.engine.stats().in_flight:
+            assert time.monotonic() < deadline, "the request outlived its client by more than 1 s"
+            await asyncio.sleep(0.02)
+
+    harness.run(go())
+
+
+def test_info_and_health(harness: Harness) -> None:
+    assert harness.engine.info().max_model_len >= 1024
+    harness.run(harness.engine.check_health())
+    assert harness.engine.stats().in_flight == 0

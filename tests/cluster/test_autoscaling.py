@@ -1,0 +1,293 @@
+"""Autoscaling across (fake) GPU nodes: load steps, scale to zero and back, bounded waits.
+
+Models here use the fake engine (it passes the vLLM engine's contract tests) so that many
+replicas fit on a small machine; the last test scales the real vLLM CPU engine from 1 to 2.
+Each model replica asks for one GPU, so Ray's autoscaler must add a GPU node for each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from serve_app.config import load_app_config, load_serve_file
+from tests.cluster.conftest import APP, ReplicaTrace, wait_for
+from tests.conftest import ROOT
+from tests.serve.conftest import free_port
+
+pytestmark = pytest.mark.usefixtures("gpu_cluster")
+
+
+@pytest.fixture(scope="module")
+def url() -> str:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def fake_model(
+    model_id: str, *, autoscaling: dict[str, Any], startup_s: float = 0.0, wait_s: float = 120.0
+) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "source": "none",
+        "engine": "fake",
+        "num_gpus": 1,
+        "num_cpus": 0.1,
+        "engine_args": {"ttft_s": 0.05, "tokens_per_s": 20, "max_num_seqs": 4, "startup_s": startup_s},
+        "deployment": {
+            "request_wait_timeout_s": wait_s,
+            "graceful_shutdown_timeout_s": 30,
+            "autoscaling": {
+                "target_ongoing_requests": 3,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 4,
+                "look_back_period_s": 2,
+                "metrics_interval_s": 0.5,
+                **autoscaling,
+            },
+        },
+    }
+
+
+def deploy(models: list[dict[str, Any]]) -> None:
+    from ray import serve
+
+    from serve_app.builder import build_openai_app
+
+    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
+    serve.run(build_openai_app(config), name=APP, route_prefix="/")
+
+
+@dataclass
+class Result:
+    status: int
+    complete: bool
+    started: float
+    ttft_s: float | None
+
+
+def stream_chat(url: str, model: str, max_tokens: int = 40) -> Result:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    start = time.monotonic()
+    ttft = None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return Result(resp.status_code, False, start, None)
+        data = ""
+        for text in resp.iter_text():
+            if ttft is None:
+                ttft = time.monotonic() - start
+            data += text
+    return Result(200, data.endswith("data: [DONE]\n\n"), start, ttft)
+
+
+def run_load(url: str, model: str, clients: int, seconds: float, max_tokens: int = 40) -> list[Result]:
+    """`clients` concurrent streaming clients, each sending requests back to back for `seconds`."""
+    results: list[Result] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def client() -> None:
+        while time.monotonic() < end:
+            r = stream_chat(url, model, max_tokens)
+            with lock:
+                results.append(r)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    return results
+
+
+def replica_nodes(deployment: str) -> list[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.node_id for a in actors if a.class_name == f"ServeReplica:{APP}:{deployment}"]
+
+
+def report(name: str, **figures: float | int | None) -> None:
+    print(f"\nFIGURES {name}: " + json.dumps(figures))
+
+
+@pytest.fixture
+def trace() -> Iterator[list[ReplicaTrace]]:
+    traces: list[ReplicaTrace] = []
+    yield traces
+    for t in traces:
+        t.stop()
+
+
+def test_load_step_scales_up_across_gpu_nodes_and_back_down(url: str, trace: list[ReplicaTrace]) -> None:
+    deploy([fake_model("step", autoscaling={"min_replicas": 1, "max_replicas": 3})])
+    replicas = ReplicaTrace("step").start()
+    trace.append(replicas)
+    wait_for(lambda: replicas.running() == 1, 120, "the first replica")
+    assert stream_chat(url, "step").complete
+
+    t0 = time.monotonic()
+    results = run_load(url, "step", clients=9, seconds=25)  # 9 streams, target 3 per replica
+    assert results and all(r.status == 200 and r.complete for r in results), [
+        r for r in results if not r.complete
+    ]
+    decided = replicas.first(lambda running, total: total > 1, after=t0)
+    ready = replicas.first(lambda running, total: running > 1, after=t0)
+    full = replicas.first(lambda running, total: running == 3, after=t0)
+    assert decided is not None and ready is not None and full is not None, replicas.samples
+    nodes = replica_nodes("step")
+    assert len(nodes) == 3 and len(set(nodes)) == 3, nodes  # one GPU node each
+
+    idle = time.monotonic()
+    wait_for(lambda: replicas.running() == 1 and replicas.samples[-1][2] == 1, 90, "scale-down to 1")
+    report(
+        "load_step",
+        requests=len(results),
+        failed=sum(1 for r in results if not r.complete),
+        step_to_decision_s=round(decided - t0, 2),
+        step_to_second_replica_ready_s=round(ready - t0, 2),
+        step_to_three_ready_s=round(full - t0, 2),
+        idle_to_one_replica_s=round(time.monotonic() - idle, 2),
+    )
+    assert decided - t0 < 10.0
+
+
+def test_scale_to_zero_and_back_without_failing(url: str, trace: list[ReplicaTrace]) -> None:
+    deploy(
+        [
+            fake_model(
+                "zero",
+                startup_s=1.0,
+                autoscaling={"min_replicas": 0, "max_replicas": 4, "downscale_to_zero_delay_s": 3},
+            )
+        ]
+    )
+    replicas = ReplicaTrace("zero").start()
+    trace.append(replicas)
+    time.sleep(2)
+    assert replicas.running() == 0
+
+    # The first request is held while a replica (and a GPU node for it) starts, then served.
+    first = stream_chat(url, "zero")
+    assert first.status == 200 and first.complete
+    cold_start = first.ttft_s
+    wait_for(lambda: replicas.samples[-1][2] == 0, 60, "scale back to zero")
+
+    # A burst on the cold model starts what the load needs, not a replica per request.
+    burst_start = time.monotonic()
+    with ThreadPoolExecutor(6) as pool:
+        burst = list(pool.map(lambda _: stream_chat(url, "zero"), range(6)))
+    assert all(r.status == 200 and r.complete for r in burst)
+    peak = max(total for t, _, total in replicas.samples if t >= burst_start)
+    assert 1 <= peak <= math.ceil(6 / 3), replicas.samples
+    wait_for(lambda: replicas.samples[-1][2] == 0, 60, "scale back to zero after the burst")
+    report("scale_to_zero", cold_start_to_first_token_s=round(cold_start or 0, 2), burst_peak_replicas=peak)
+
+
+def test_request_waiting_past_its_bound_gets_503_with_retry_after(url: str) -> None:
+    deploy(
+        [
+            fake_model(
+                "slow",
+                startup_s=60.0,
+                wait_s=3.0,
+                autoscaling={"min_replicas": 0, "max_replicas": 1},
+            )
+        ]
+    )
+    start = time.monotonic()
+    resp = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    waited = time.monotonic() - start
+    assert resp.status_code == 503
+    assert int(resp.headers["retry-after"]) > 0
+    assert resp.json()["error"]["code"] == 503
+    assert 3.0 <= waited < 10.0
+
+
+def test_real_vllm_engine_scales_from_one_to_two_replicas(url: str, trace: list[ReplicaTrace]) -> None:
+    local = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
+    model = local.find("tiny-mistral-v3")
+    assert model is not None
+    entry = model.model_dump(exclude={"deployment", "num_gpus", "num_cpus"})
+    entry["source"] = str(ROOT / "models/tiny-mistral-v3")
+    entry["engine_args"] = {**entry["engine_args"], "max_num_seqs": 4}
+    entry.update(
+        num_gpus=1,
+        num_cpus=0.1,
+        deployment={
+            "graceful_shutdown_timeout_s": 60,
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 2,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 600,
+                "look_back_period_s": 2,
+                "metrics_interval_s": 0.5,
+            },
+        },
+    )
+    deploy([entry])
+    replicas = ReplicaTrace("tiny-mistral-v3").start()
+    trace.append(replicas)
+    assert replicas_running_soon(replicas, 1)
+    t0 = time.monotonic()
+    results = run_load(url, "tiny-mistral-v3", clients=6, seconds=10, max_tokens=200)
+    wait_for(lambda: replicas.running() == 2, 240, "a second vLLM replica")
+    ready = replicas.first(lambda running, total: running == 2, after=t0)
+    decided = replicas.first(lambda running, total: total == 2, after=t0)
+    more = run_load(url, "tiny-mistral-v3", clients=6, seconds=5, max_tokens=50)
+    assert all(r.status == 200 and r.complete for r in results + more)
+    nodes = replica_nodes("tiny-mistral-v3")
+    assert len(set(nodes)) == 2
+    report(
+        "vllm_1_to_2",
+        step_to_decision_s=round((decided or 0) - t0, 2),
+        step_to_second_replica_ready_s=round((ready or 0) - t0, 2),
+        requests=len(results) + len(more),
+    )
+
+
+def replicas_running_soon(replicas: ReplicaTrace, n: int) -> bool:
+    wait_for(lambda: replicas.running() == n, 240, f"{n} replica(s) running")
+    return True
+
+
+def test_scale_down_lets_in_flight_streams_finish(url: str, trace: list[ReplicaTrace]) -> None:
+    """Streams running on a replica that is being removed complete; none is cut."""
+    model = fake_model("drain", autoscaling={})
+    model["deployment"] = {"num_replicas": 2, "graceful_shutdown_timeout_s": 60}
+    deploy([model])
+    replicas = ReplicaTrace("drain").start()
+    trace.append(replicas)
+    wait_for(lambda: replicas.running() == 2, 120, "two replicas")
+    with ThreadPoolExecutor(8) as pool:
+        # 8 streams of 8 s each, spread over both replicas by the router.
+        futures = [pool.submit(stream_chat, url, "drain", 160) for _ in range(8)]
+        time.sleep(2.0)
+        model["deployment"] = {"num_replicas": 1, "graceful_shutdown_timeout_s": 60}
+        deploy([model])  # one replica is removed while its streams are half done
+        results = [f.result() for f in futures]
+    assert all(r.status == 200 and r.complete for r in results), results
+    wait_for(lambda: replicas.samples[-1][2] == 1, 60, "the removed replica to go")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -291,3 +293,48 @@ def test_scale_down_lets_in_flight_streams_finish(url: str, trace: list[ReplicaT
         results = [f.result() for f in futures]
     assert all(r.status == 200 and r.complete for r in results), results
     wait_for(lambda: replicas.samples[-1][2] == 1, 60, "the removed replica to go")
+
+
+def test_load_step_picture(url: str, tmp_path: Path) -> None:
+    """The load-step script against the cluster: it sees the scale-up and draws it.
+
+    With MISTRAL_SERVE_DOCS=1 the picture is written to docs/ for the README."""
+    from serve_app.loadstep import plot, run_load_step
+
+    deploy(
+        [fake_model("picture", autoscaling={"min_replicas": 1, "max_replicas": 4, "downscale_delay_s": 8})]
+    )
+    wait_for(lambda: _running("picture") == 1, 120, "the first replica")
+    result = run_load_step(
+        url=url,
+        model="picture",
+        deployment="picture",
+        dashboard="http://127.0.0.1:8265",
+        before=2,
+        after=12,
+        step_at_s=8,
+        duration_s=40,
+        max_tokens=40,
+    )
+    summary = result.summary()
+    report("load_step_picture", **summary)
+    assert summary["failed"] == 0 and summary["requests"] > 50
+    assert summary["replicas_before"] == 1 and summary["replicas_peak"] == 4
+    assert summary["step_to_scale_up_decision_s"] is not None and summary["step_to_scale_up_decision_s"] < 10
+    out = (
+        (ROOT / "docs" / "autoscaling-load-step.png")
+        if os.environ.get("MISTRAL_SERVE_DOCS")
+        else tmp_path / "p.png"
+    )
+    plot(result, out)
+    assert out.stat().st_size > 10_000
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    try:
+        dep = serve.status().applications[APP].deployments[deployment]
+    except KeyError:
+        return 0
+    return int(dep.replica_states.get("RUNNING", 0))

@@ -15,6 +15,7 @@ from ray.serve import Application
 from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_config
 from serve_app.engine.protocol import Engine
 from serve_app.ingress import ModelCard, make_ingress
+from serve_app.mistral_layout import infer_args
 from serve_app.server import ModelServer
 
 INGRESS_NAME = "OpenAIIngress"
@@ -22,6 +23,16 @@ INGRESS_NAME = "OpenAIIngress"
 
 def _owned_by(model_id: str) -> str:
     return model_id.split("/", 1)[0] if "/" in model_id else "mistral-serve"
+
+
+def resolve_model(model: ModelConfig) -> ModelConfig:
+    """The model with Mistral's native-layout settings filled in where its source has that layout."""
+    if model.engine != "vllm":
+        return model
+    engine_args, server_args, _ = infer_args(model.source, model.engine_args, model.server_args)
+    if (engine_args, server_args) == (model.engine_args, model.server_args):
+        return model
+    return model.model_copy(update={"engine_args": engine_args, "server_args": server_args})
 
 
 def _validate_engine(model: ModelConfig) -> None:
@@ -42,6 +53,7 @@ def build_openai_app(
     config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
 ) -> Application:
     """Bind one deployment per model and the OpenAI ingress in front of them."""
+    config = config.model_copy(update={"models": tuple(resolve_model(m) for m in config.models)})
     if validate_engine and engine_cls is None:
         for model in config.models:
             _validate_engine(model)
@@ -58,7 +70,7 @@ def build_openai_app(
                 id=model.id,
                 aliases=model.aliases,
                 deployment=model.deployment_name,
-                owned_by=_owned_by(model.id),
+                owned_by=model.owned_by or _owned_by(model.id),
                 max_model_len=int(max_len) if isinstance(max_len, int) else None,
                 wait_timeout_s=model.deployment.request_wait_timeout_s,
             )

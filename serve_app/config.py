@@ -133,6 +133,17 @@ class DeploymentOptions(StrictModel):
 _DEPLOYMENT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+class MediaOptions(StrictModel):
+    """Image input of a model that takes images (e.g. Pixtral)."""
+
+    allowed_remote_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts whose http(s) image URLs the server may fetch (exact names). "
+        "Empty (the default): only inline data: URLs, so clients cannot make the server fetch "
+        "arbitrary URLs (server-side request forgery).",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: the names clients send, its weights, and how to run it."""
 
@@ -141,6 +152,9 @@ class ModelConfig(StrictModel):
         description="The name clients send as `model`, e.g. mistralai/Mistral-Nemo-Instruct-2407.",
     )
     aliases: tuple[str, ...] = Field((), description="Other names clients may send for this model.")
+    owned_by: str | None = Field(
+        None, description="`owned_by` in /v1/models (default: the id's organisation, e.g. mistralai)."
+    )
     source: str = Field(
         min_length=1,
         description="Hugging Face repository id or local directory holding the weights.",
@@ -153,12 +167,14 @@ class ModelConfig(StrictModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments (fields of vllm.AsyncEngineArgs), e.g. "
-        "tokenizer_mode, max_model_len, tensor_parallel_size.",
+        "tokenizer_mode, max_model_len, tensor_parallel_size. For a source in Mistral's native "
+        "layout, tokenizer_mode, config_format and load_format default to mistral.",
     )
     server_args: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM OpenAI-server options that are not engine arguments, e.g. "
-        "tool_call_parser, enable_auto_tool_choice, chat_template.",
+        "tool_call_parser, enable_auto_tool_choice, chat_template. For a source in Mistral's "
+        "native layout, Mistral tool calling is on by default.",
     )
     num_gpus: float | None = Field(
         None,
@@ -170,6 +186,7 @@ class ModelConfig(StrictModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of each replica process."
     )
+    media: MediaOptions = Field(default_factory=MediaOptions, description="Image input options.")
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
     )

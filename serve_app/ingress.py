@@ -79,6 +79,8 @@ class OpenAIIngress:
         }
         self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
         self._wait_timeout_s = {c.deployment: c.wait_timeout_s for c in cards}
+        # Like `vllm serve`, a server of one model lets requests leave `model` out.
+        self._only_model = cards[0].id if len(cards) == 1 else None
         self._max_model_len: dict[str, int] = {
             c.deployment: c.max_model_len for c in cards if c.max_model_len is not None
         }
@@ -88,6 +90,12 @@ class OpenAIIngress:
 
     async def completions(self, request: Request) -> Response:
         return await self._forward(request, Route.COMPLETION)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request, Route.TOKENIZE)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request, Route.DETOKENIZE)
 
     async def list_models(self) -> Response:
         data = [await self._card(name) for name in self._deployment_of]
@@ -124,7 +132,7 @@ class OpenAIIngress:
             return _error(400, f"The request body is not valid JSON: {exc}")
         if not isinstance(payload, dict):
             return _error(400, "The request body must be a JSON object.")
-        model = payload.get("model")
+        model = payload.get("model", self._only_model)
         if not isinstance(model, str) or not model:
             return _error(400, "`model` is required and must be a string.", param="model")
         deployment = self._deployment_of.get(model)
@@ -191,6 +199,8 @@ def _openai_error_handlers(app: FastAPI) -> None:
 ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/v1/chat/completions", "chat_completions"),
     ("POST", "/v1/completions", "completions"),
+    ("POST", "/tokenize", "tokenize"),
+    ("POST", "/detokenize", "detokenize"),
     ("GET", "/v1/models", "list_models"),
     ("GET", "/v1/models/{model_id:path}", "get_model"),
     ("GET", "/health", "health"),

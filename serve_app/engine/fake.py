@@ -130,6 +130,9 @@ class FakeEngine(Engine):
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
         if not self._started:
             raise RuntimeError("the fake engine has not been started")
+        if route not in (Route.CHAT, Route.COMPLETION):
+            yield Head(404, error_body(404, f"the fake engine does not serve the {route.value} API"))
+            return
         try:
             req, prompt_tokens, max_tokens = self._parse(route, body)
         except _BadRequest as exc:

@@ -27,6 +27,8 @@ class Route(str, enum.Enum):
 
     CHAT = "chat"
     COMPLETION = "completion"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,14 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 import logging
 import sys
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -32,6 +34,7 @@ from starlette.datastructures import State
 from serve_app.config import ConfigError, ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
 from serve_app.errors import error_body
+from serve_app.media import MediaError, check_images
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ _API_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server", "vllm.entrypoint
 _CHAT_PROTOCOL_MODULES = (
     "vllm.entrypoints.openai.chat_completion.protocol",
     "vllm.entrypoints.openai.protocol",
+)
+_TOKENIZE_PROTOCOL_MODULES = ("vllm.entrypoints.serve.tokenize.protocol", "vllm.entrypoints.openai.protocol")
+_VALIDATION_HANDLER_MODULES = (
+    "vllm.entrypoints.serve.exception_handling.handlers.validation",
+    "vllm.entrypoints.serve.utils.server_utils",
 )
 _COMPLETION_PROTOCOL_MODULES = (
     "vllm.entrypoints.openai.completion.protocol",
@@ -110,6 +118,9 @@ def build_namespace(config: ModelConfig) -> Namespace:
     ns.served_model_name = list(config.names)
     for key, value in {**config.engine_args, **config.server_args}.items():
         setattr(ns, key, value)
+    if config.media.allowed_remote_hosts and "allowed_media_domains" in engine_arg_names():
+        # vLLM's own allow-list too, as a second line behind serve_app.media's check.
+        ns.allowed_media_domains = list(config.media.allowed_remote_hosts)
     return ns
 
 
@@ -162,23 +173,20 @@ def _check_source(config: ModelConfig) -> None:
         )
 
 
-def _validation_error(exc: ValidationError) -> bytes:
-    """A 400 body for a request that fails vLLM's request model, in vLLM's format."""
-    errors = exc.errors(include_url=False)
-    param = None
-    for err in errors:
-        ctx_error = (err.get("ctx") or {}).get("error")
-        if ctx_error is not None and getattr(ctx_error, "parameter", None):
-            param = ctx_error.parameter
-            break
-    if param is None and errors and errors[0].get("loc"):
-        param = ".".join(str(p) for p in errors[0]["loc"] if "[" not in str(p))
-    label = "error" if len(errors) == 1 else "errors"
-    lines = [f"{len(errors)} validation {label}:"]
-    for err in errors[:10]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        lines.append(f"  {loc}: {err.get('msg')}" if loc else f"  {err.get('msg')}")
-    return error_body(400, "\n".join(lines), param=param or None)
+async def _validation_error(exc: ValidationError, ns: Namespace) -> Head:
+    """The 400 that `vllm serve` gives for a body its request model rejects.
+
+    vLLM's server lets FastAPI validate the body and turns the RequestValidationError into an
+    OpenAI error with its own handler; we call that same handler, so the status, type, param
+    and message are vLLM's, in each vLLM release.
+    """
+    from fastapi.exceptions import RequestValidationError
+
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+    handler = _import_first(_VALIDATION_HANDLER_MODULES, "validation_exception_handler")
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=ns)), state=SimpleNamespace())
+    response = await handler(request, RequestValidationError(errors))
+    return Head(int(response.status_code), bytes(response.body))
 
 
 _GAUGES = frozenset(
@@ -206,6 +214,45 @@ def _vllm_gauges() -> dict[str, float]:
     return values
 
 
+def _parser(annotation: Any) -> Callable[[bytes], Any]:
+    """A JSON body parser for a request model or a union of them (e.g. TokenizeRequest)."""
+    # Like FastAPI in vLLM's server: JSON first, then the model in Python mode (the error
+    # messages differ between the two modes).
+    validate: Callable[[Any], Any]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        validate = annotation.model_validate
+    else:
+        validate = TypeAdapter(annotation).validate_python
+    return lambda body: validate(json.loads(body))
+
+
+def _routes(state: State) -> dict[Route, tuple[Any, Callable[[bytes], Any], Any]]:
+    """vLLM's serving objects that init_app_state built, with the request model of each route."""
+    routes: dict[Route, tuple[Any, Callable[[bytes], Any], Any]] = {}
+    chat = state.openai_serving_chat
+    if chat is not None:
+        request = _import_first(_CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")
+        routes[Route.CHAT] = (chat, _parser(request), chat.create_chat_completion)
+    completion = state.openai_serving_completion
+    if completion is not None:
+        request = _import_first(_COMPLETION_PROTOCOL_MODULES, "CompletionRequest")
+        routes[Route.COMPLETION] = (completion, _parser(request), completion.create_completion)
+    tokenization = getattr(state, "serving_tokenization", None)
+    if tokenization is not None:
+        tokenize = _import_first(_TOKENIZE_PROTOCOL_MODULES, "TokenizeRequest")
+        detokenize = _import_first(_TOKENIZE_PROTOCOL_MODULES, "DetokenizeRequest")
+        routes[Route.TOKENIZE] = (tokenization, _parser(tokenize), tokenization.create_tokenize)
+        routes[Route.DETOKENIZE] = (tokenization, _parser(detokenize), tokenization.create_detokenize)
+    return routes
+
+
+def _whole_response(result: BaseModel) -> Head:
+    """A whole response: vLLM's ErrorResponse (status = error.code) or a 200 body."""
+    error = getattr(result, "error", None)
+    status = int(error.code) if error is not None and hasattr(error, "code") else 200
+    return Head(status, result.model_dump_json().encode())
+
+
 class VLLMEngine(Engine):
     """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top."""
 
@@ -213,13 +260,15 @@ class VLLMEngine(Engine):
         super().__init__(config)
         self._stack = AsyncExitStack()
         self._client: Any = None
-        self._routes: dict[Route, tuple[Any, type[BaseModel], Any]] = {}
-        self._error_response_cls: type | None = None
+        # route -> (serving object, body parser, the serving method that answers it)
+        self._routes: dict[Route, tuple[Any, Callable[[bytes], Any], Any]] = {}
         self._info: ModelInfo | None = None
+        self._accepts_images = False
+        self._namespace = Namespace()
 
     async def start(self) -> None:
         _check_source(self.config)
-        ns = build_namespace(self.config)
+        ns = self._namespace = build_namespace(self.config)
         build_client = _import_first(_API_SERVER_MODULES, "build_async_engine_client_from_engine_args")
         init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
         self._client = await self._stack.enter_async_context(build_client(_engine_args(ns)))
@@ -229,14 +278,10 @@ class VLLMEngine(Engine):
             kwargs["supported_tasks"] = await self._client.get_supported_tasks()
         await init_app_state(self._client, state, ns, **kwargs)
 
-        chat_request = _import_first(_CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")
-        completion_request = _import_first(_COMPLETION_PROTOCOL_MODULES, "CompletionRequest")
-        chat, completion = state.openai_serving_chat, state.openai_serving_completion
-        if chat is not None:
-            self._routes[Route.CHAT] = (chat, chat_request, chat.create_chat_completion)
-        if completion is not None:
-            self._routes[Route.COMPLETION] = (completion, completion_request, completion.create_completion)
-        self._info = ModelInfo(max_model_len=int(self._client.model_config.max_model_len))
+        self._routes = _routes(state)
+        model_config = self._client.model_config
+        self._accepts_images = bool(model_config.is_multimodal_model)
+        self._info = ModelInfo(max_model_len=int(model_config.max_model_len))
 
     def info(self) -> ModelInfo:
         if self._info is None:
@@ -248,11 +293,24 @@ class VLLMEngine(Engine):
         if entry is None:
             yield Head(404, error_body(404, f"model '{self.config.id}' does not serve the {route.value} API"))
             return
-        serving, request_cls, create = entry
+        serving, parse, create = entry
         try:
-            request = request_cls.model_validate_json(body)
+            if route is Route.CHAT:
+                check_images(
+                    body,
+                    model_id=self.config.id,
+                    accepts_images=self._accepts_images,
+                    allowed_hosts=self.config.media.allowed_remote_hosts,
+                )
+            request = parse(body)
         except ValidationError as exc:
-            yield Head(400, _validation_error(exc))
+            yield await _validation_error(exc, self._namespace)
+            return
+        except MediaError as exc:
+            yield Head(400, error_body(400, str(exc), param="messages"))
+            return
+        except Exception as exc:  # e.g. VLLMValidationError from a request model's validator
+            yield _whole_response(serving.create_error_response(exc))
             return
         if hasattr(request, "request_id"):
             request.request_id = request_id
@@ -261,9 +319,7 @@ class VLLMEngine(Engine):
         except Exception as exc:  # vLLM maps its exceptions to OpenAI errors itself
             result = serving.create_error_response(exc)
         if isinstance(result, BaseModel):
-            error = getattr(result, "error", None)
-            status = int(error.code) if error is not None and hasattr(error, "code") else 200
-            yield Head(status, result.model_dump_json().encode())
+            yield _whole_response(result)
             return
         yield Head(200, stream=True)
         try:

@@ -92,3 +92,20 @@ def test_llm_sized_defaults_follow_max_num_seqs() -> None:
 
     auto = AutoscalingConfig(**options["autoscaling_config"])
     assert auto.min_replicas == 0 and auto.policy.policy_function.endswith("LLMAutoscalingPolicy")
+
+
+def test_minimal_entry_for_a_mistral_layout_gets_mistral_settings() -> None:
+    from serve_app.builder import resolve_model
+
+    config = load_app_config({"models": [{"id": "demo", "source": str(ROOT / "models/tiny-mistral-tekken")}]})
+    model = resolve_model(config.models[0])
+    assert model.engine_args == {
+        "tokenizer_mode": "mistral",
+        "config_format": "mistral",
+        "load_format": "mistral",
+    }
+    assert model.server_args == {"tool_call_parser": "mistral", "enable_auto_tool_choice": True}
+    # The built application carries the resolved entry to its replicas.
+    deployments = _deployments(build_openai_app(config))
+    bound = deployments["demo"]
+    assert bound.init_args[0].engine_args["tokenizer_mode"] == "mistral"  # type: ignore[attr-defined]

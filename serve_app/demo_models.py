@@ -30,6 +30,7 @@ class DemoModel:
     tokenizer_file: str  # file name inside mistral_common/data
     tokenizer_name: str  # the name vLLM looks for in a Mistral-layout directory
     vocab_size: int
+    vision: bool = False  # a Pixtral-architecture vision encoder + adapter
 
 
 DEMO_MODELS = (
@@ -42,6 +43,9 @@ DEMO_MODELS = (
     ),
     # The Mistral NeMo family: Tekken tokenizer, 131072 tokens.
     DemoModel("tiny-mistral-tekken", "tekken_240718.json", "tekken.json", 131072),
+    # The Pixtral family: Pixtral-12B-2409's Tekken (with its image settings) and a tiny
+    # vision encoder. Not served by configs/local.yaml; tests use it for the image path.
+    DemoModel("tiny-pixtral", "tekken_240911.json", "tekken.json", 131072, vision=True),
 )
 
 # Small enough to load in seconds on two CPU cores, big enough to exercise every layer type.
@@ -53,9 +57,41 @@ HEAD_DIM = DIM // N_HEADS
 HIDDEN_DIM = 256
 MAX_SEQ_LEN = 4096
 SEED = 0
+# Vision encoder of the Pixtral demo (Pixtral-12B: hidden 1024, 24 layers, 16 heads).
+V_HIDDEN = 64
+V_LAYERS = 2
+V_HEADS = 2  # head_dim 32: 2D RoPE needs it even
+V_FFN = 128
 
 
-def _params(vocab_size: int) -> dict[str, object]:
+def _vision_params(model: DemoModel) -> dict[str, object]:
+    image = json.loads(tokenizer_source(model).read_text())["image"]
+    return {
+        "hidden_size": V_HIDDEN,
+        "num_channels": 3,
+        # vLLM sizes its 2D-RoPE table by image_size / patch_size patches per side, and the
+        # tokenizer lets images up to max_image_size through: they must agree.
+        "image_size": image["max_image_size"],
+        "patch_size": image["image_patch_size"],
+        "rope_theta": 10000.0,
+        "intermediate_size": V_FFN,
+        "num_hidden_layers": V_LAYERS,
+        "num_attention_heads": V_HEADS,
+        "image_token_id": 10,
+        "image_break_token_id": 12,
+        "image_end_token_id": 13,
+        "adapter_bias": True,
+    }
+
+
+def _params(model: DemoModel) -> dict[str, object]:
+    params = _text_params(model.vocab_size)
+    if model.vision:
+        params["vision_encoder"] = _vision_params(model)
+    return params
+
+
+def _text_params(vocab_size: int) -> dict[str, object]:
     return {
         "dim": DIM,
         "n_layers": N_LAYERS,
@@ -70,8 +106,9 @@ def _params(vocab_size: int) -> dict[str, object]:
     }
 
 
-def _weights(vocab_size: int) -> dict[str, object]:
+def _weights(model: DemoModel, patch: int = 16) -> dict[str, object]:
     """Random weights under Mistral's own tensor names (what `load_format=mistral` reads)."""
+    vocab_size = model.vocab_size
     import torch
 
     gen = torch.Generator().manual_seed(SEED)
@@ -99,6 +136,23 @@ def _weights(vocab_size: int) -> dict[str, object]:
         tensors[f"{p}.feed_forward.w3.weight"] = rand(HIDDEN_DIM, DIM)
         tensors[f"{p}.attention_norm.weight"] = ones(DIM)
         tensors[f"{p}.ffn_norm.weight"] = ones(DIM)
+    if model.vision:
+        # Pixtral's vision tower (no biases) and its GELU adapter into the text model.
+        tensors["vision_encoder.patch_conv.weight"] = rand(V_HIDDEN, 3, patch, patch)
+        tensors["vision_encoder.ln_pre.weight"] = ones(V_HIDDEN)
+        for i in range(V_LAYERS):
+            p = f"vision_encoder.transformer.layers.{i}"
+            for w in ("wq", "wk", "wv", "wo"):
+                tensors[f"{p}.attention.{w}.weight"] = rand(V_HIDDEN, V_HIDDEN)
+            tensors[f"{p}.feed_forward.w1.weight"] = rand(V_FFN, V_HIDDEN)
+            tensors[f"{p}.feed_forward.w2.weight"] = rand(V_HIDDEN, V_FFN)
+            tensors[f"{p}.feed_forward.w3.weight"] = rand(V_FFN, V_HIDDEN)
+            tensors[f"{p}.attention_norm.weight"] = ones(V_HIDDEN)
+            tensors[f"{p}.ffn_norm.weight"] = ones(V_HIDDEN)
+        tensors["vision_language_adapter.w_in.weight"] = rand(DIM, V_HIDDEN)
+        tensors["vision_language_adapter.w_in.bias"] = torch.zeros(DIM, dtype=torch.bfloat16)
+        tensors["vision_language_adapter.w_out.weight"] = rand(DIM, DIM)
+        tensors["vision_language_adapter.w_out.bias"] = torch.zeros(DIM, dtype=torch.bfloat16)
     return tensors
 
 
@@ -117,7 +171,7 @@ def write_model(model: DemoModel, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     target = out_dir / model.name
-    params = _params(model.vocab_size)
+    params = _params(model)
     params_file = target / "params.json"
     done = (
         params_file.is_file()
@@ -132,7 +186,7 @@ def write_model(model: DemoModel, out_dir: Path) -> Path:
     tmp = out_dir / f".{model.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_weights(model.vocab_size), str(tmp / "consolidated.safetensors"))
+    save_file(_weights(model), str(tmp / "consolidated.safetensors"))
     shutil.copyfile(tokenizer_source(model), tmp / model.tokenizer_name)
     (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)

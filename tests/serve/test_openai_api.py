@@ -119,6 +119,10 @@ def test_models_list_and_get(client: openai.OpenAI, local_app: RunningApp) -> No
     raw = httpx.get(f"{local_app.url}/v1/models/tiny-mistral-tekken").json()
     assert raw["max_model_len"] == 4096
     assert raw["aliases"] == ["mistral-nemo-demo"]
+    assert raw["owned_by"] == "mistral-serve" and raw["object"] == "model"
+    assert abs(raw["created"] - time.time()) < 3600
+    alias = httpx.get(f"{local_app.url}/v1/models/mistral-nemo-demo").json()
+    assert alias["root"] == "tiny-mistral-tekken" and alias["aliases"] == ["tiny-mistral-tekken"]
 
 
 def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, local_app: RunningApp) -> None:
@@ -209,3 +213,21 @@ def test_cancelled_stream_frees_its_engine_request(local_app: RunningApp, model:
     while local_app.engine_stats(model) != 0:
         assert time.monotonic() < deadline, "the engine still holds the cancelled request"
         time.sleep(0.1)
+
+
+def test_text_model_refuses_images_with_a_clear_400(local_app: RunningApp) -> None:
+    body = {
+        "model": "tiny-mistral-v3",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                ],
+            }
+        ],
+    }
+    resp = httpx.post(f"{local_app.url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == "The model `tiny-mistral-v3` does not accept image input."

@@ -77,14 +77,14 @@ def build_openai_app(
         )
     ingress = config.ingress
     return (
-        serve.deployment(make_ingress())
+        serve.deployment(make_ingress(cors_allow_origins=config.auth.cors_allow_origins))
         .options(
             name=INGRESS_NAME,
             num_replicas=ingress.num_replicas,
             max_ongoing_requests=ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": ingress.num_cpus},
         )
-        .bind(handles, cards)
+        .bind(handles, cards, config.auth)
     )
 
 

@@ -12,7 +12,6 @@ To deploy to an existing Ray cluster use `serve deploy CONFIG` instead.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import signal
 import sys
@@ -22,19 +21,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from serve_app.auth import check_exposure, hash_key
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
 from serve_app.processes import descendants, kill_leftovers
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _load(path: Path) -> tuple[ServeFile, Any]:
@@ -51,7 +42,8 @@ def _build(config: Any) -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    _serve_file, config = _load(args.config)
+    serve_file, config = _load(args.config)
+    check_exposure(serve_file.http_host, config.auth, f"{args.config}: http_options.host")
     print(f"{args.config}: {len(config.models)} model(s): " + ", ".join(m.id for m in config.models))
     print("Checking engine arguments with vLLM...", flush=True)
     _build(config)
@@ -83,12 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     serve_file, config = _load(args.config)
     host = args.host or serve_file.http_host
     port = args.port or serve_file.http_port
-    if not _is_loopback(host):
-        raise ConfigError(
-            f"{args.config}: http_options.host: {host} listens beyond loopback, and this "
-            "command serves without authentication; use 127.0.0.1, or deploy to a cluster "
-            "with `serve deploy` behind your own authenticating gateway"
-        )
+    check_exposure(host, config.auth, f"{args.config}: http_options.host")
     print(
         f"mistral-serve: {len(config.models)} model(s) from {args.config}: "
         + ", ".join(m.id for m in config.models)
@@ -162,6 +149,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    key = args.key if args.key != "-" else sys.stdin.readline().strip()
+    print(hash_key(key))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from serve_app.demo_models import main as write_models
 
@@ -183,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a Serve config and build its application")
     check.add_argument("config", type=Path)
     check.set_defaults(func=cmd_check)
+    hashed = sub.add_parser("hash-key", help="print the sha256:<hex> form of an API key for auth.api_keys")
+    hashed.add_argument("key", help="the key, or - to read it from standard input")
+    hashed.set_defaults(func=cmd_hash_key)
     models = sub.add_parser("models", help="write the demo models")
     models.add_argument("out_dir", nargs="?", type=Path, default=Path("models"))
     models.set_defaults(func=cmd_models)

@@ -249,6 +249,43 @@ class IngressOptions(StrictModel):
     num_cpus: float = Field(0.5, ge=0, description="CPUs Ray reserves for each ingress replica.")
 
 
+class AuthOptions(StrictModel):
+    """API keys and cross-origin access."""
+
+    api_keys: tuple[str, ...] = Field(
+        (),
+        description="Accepted keys as sha256:<hex> hashes (`python -m serve_app hash-key KEY`); "
+        "never plain keys in a config file.",
+    )
+    api_keys_env: str | None = Field(
+        None,
+        description="An environment variable (of the ingress replicas) holding plain keys, comma-separated.",
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file (on the ingress replicas' nodes) holding plain keys, one per line."
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve beyond loopback with no key configured (e.g. behind an authenticating gateway).",
+    )
+    cors_allow_origins: tuple[str, ...] = Field(
+        (), description="Origins browsers may call the API from; none (the default) closes CORS."
+    )
+
+    @property
+    def configured(self) -> bool:
+        """Whether any source of keys is set (the keys themselves are read by the ingress)."""
+        return bool(self.api_keys or self.api_keys_env or self.api_keys_file)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key in value:
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
+                raise ValueError("api_keys holds sha256:<64 hex digits> hashes, not plain keys")
+        return value
+
+
 class AppConfig(StrictModel):
     """The whole application: the models and the ingress in front of them."""
 
@@ -256,6 +293,7 @@ class AppConfig(StrictModel):
     ingress: IngressOptions = Field(
         default_factory=IngressOptions, description="Options of the ingress deployment."
     )
+    auth: AuthOptions = Field(default_factory=AuthOptions, description="API keys and CORS.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

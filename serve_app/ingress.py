@@ -19,11 +19,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.auth import KeyChecker, check_exposure
+from serve_app.config import AuthOptions
 from serve_app.engine.protocol import Head, Route
 from serve_app.errors import error_body
 
@@ -69,7 +72,14 @@ def _error(
 class OpenAIIngress:
     """Routes OpenAI requests to model deployments by the request's `model`."""
 
-    def __init__(self, models: dict[str, DeploymentHandle], cards: list[ModelCard]) -> None:
+    def __init__(
+        self, models: dict[str, DeploymentHandle], cards: list[ModelCard], auth: AuthOptions | None = None
+    ) -> None:
+        auth = auth or AuthOptions()
+        self._keys = KeyChecker.from_options(auth)
+        host = _serve_http_host()
+        if host is not None:
+            check_exposure(host, auth, "ingress")
         self._created = int(time.time())
         self._cards = cards
         self._handles = models
@@ -85,23 +95,32 @@ class OpenAIIngress:
             c.deployment: c.max_model_len for c in cards if c.max_model_len is not None
         }
 
+    def _denied(self, request: Request) -> Response | None:
+        if self._keys.allows(request.headers.get("authorization")):
+            return None
+        return _error(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.")
+
     async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, Route.CHAT)
+        return self._denied(request) or await self._forward(request, Route.CHAT)
 
     async def completions(self, request: Request) -> Response:
-        return await self._forward(request, Route.COMPLETION)
+        return self._denied(request) or await self._forward(request, Route.COMPLETION)
 
     async def tokenize(self, request: Request) -> Response:
-        return await self._forward(request, Route.TOKENIZE)
+        return self._denied(request) or await self._forward(request, Route.TOKENIZE)
 
     async def detokenize(self, request: Request) -> Response:
-        return await self._forward(request, Route.DETOKENIZE)
+        return self._denied(request) or await self._forward(request, Route.DETOKENIZE)
 
-    async def list_models(self) -> Response:
+    async def list_models(self, request: Request) -> Response:
+        if denied := self._denied(request):
+            return denied
         data = [await self._card(name) for name in self._deployment_of]
         return Response(json.dumps({"object": "list", "data": data}), media_type=_JSON)
 
-    async def get_model(self, model_id: str) -> Response:
+    async def get_model(self, model_id: str, request: Request) -> Response:
+        if denied := self._denied(request):
+            return denied
         if model_id not in self._deployment_of:
             return _error(404, f"The model `{model_id}` does not exist.", param="model")
         return Response(json.dumps(await self._card(model_id)), media_type=_JSON)
@@ -207,10 +226,36 @@ ROUTES: list[tuple[str, str, str]] = [
 ]
 
 
-def make_ingress(cls: type[OpenAIIngress] = OpenAIIngress) -> type:
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, asked from the Serve controller.
+
+    Ray Serve has no public API for it; this reads the controller's HTTP options and gives
+    None (no check) if that ever changes.
+    """
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return str(ray.get(controller.get_http_config.remote(), timeout=10).host)
+    except Exception as exc:
+        logger.warning("cannot read Serve's HTTP host (%r): exposure check skipped", exc)
+        return None
+
+
+def make_ingress(cls: type[OpenAIIngress] = OpenAIIngress, cors_allow_origins: tuple[str, ...] = ()) -> type:
     """Attach the OpenAI routes to `cls` and wrap it as a Serve ingress class."""
     app = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
     _openai_error_handlers(app)
+    if cors_allow_origins:
+        # Closed unless configured; never credentials, only what the API needs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_credentials=False,
+        )
     for method, path, attr in ROUTES:
         app.api_route(path, methods=[method])(getattr(cls, attr))
     return serve.ingress(app)(cls)

@@ -132,12 +132,14 @@ class OpenAIIngress:
         deployment = self._deployment_of[name]
         card = next(c for c in self._cards if c.deployment == deployment)
         if deployment not in self._max_model_len:
-            # Ask a running replica once; the answer never changes for a deployment.
+            # Not in the config: ask a replica once (the answer never changes). A model at zero
+            # replicas would be woken by the question, so it is dropped again after 2 s.
+            response = self._handles[deployment].model_info.remote()
             try:
-                info = await asyncio.wait_for(self._handles[deployment].model_info.remote(), timeout=2.0)
+                info = await asyncio.wait_for(response, timeout=2.0)
                 self._max_model_len[deployment] = info.max_model_len
             except Exception:  # no replica ready yet: list the model without it
-                pass
+                response.cancel()
         return card.to_openai(name, self._created, self._max_model_len.get(deployment))
 
     async def _forward(self, request: Request, route: Route) -> Response:

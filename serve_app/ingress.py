@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -172,6 +173,13 @@ class OpenAIIngress:
             return _error(
                 503,
                 f"The model `{model}` has no replica ready to serve the request; retry later.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        except BackPressureError:
+            # The model's router queue is full (deployment.max_queued_requests): shed load.
+            return _error(
+                503,
+                f"The model `{model}` is at capacity; retry later.",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         except Exception as exc:

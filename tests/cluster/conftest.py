@@ -51,6 +51,10 @@ BASE_CONFIG: dict[str, Any] = {
 
 GPU_NODE = "gpu_node"
 APP = "scale"
+# Ray 2.60 builds deployment configs by registering and unregistering modules for pickling
+# by value in a process-wide set, which is not thread-safe: the sampling thread below and a
+# deploy in the test thread take turns.
+SERVE_API_LOCK = threading.Lock()
 
 
 def _autoscaling_cluster_cls() -> type:
@@ -134,7 +138,9 @@ class ReplicaTrace:
 
         while not self._stop.is_set():
             try:
-                dep = serve.status().applications[APP].deployments[self.deployment]
+                with SERVE_API_LOCK:
+                    status = serve.status()
+                dep = status.applications[APP].deployments[self.deployment]
                 running = dep.replica_states.get("RUNNING", 0)
                 self.samples.append((time.monotonic(), running, sum(dep.replica_states.values())))
             except Exception:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from serve_app.config import load_app_config, load_serve_file
-from tests.cluster.conftest import APP, ReplicaTrace, wait_for
+from tests.cluster.conftest import APP, SERVE_API_LOCK, ReplicaTrace, wait_for
 from tests.conftest import ROOT
 from tests.serve.conftest import free_port
 
@@ -69,7 +69,9 @@ def deploy(models: list[dict[str, Any]]) -> None:
     from serve_app.builder import build_openai_app
 
     config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
-    serve.run(build_openai_app(config), name=APP, route_prefix="/")
+    with SERVE_API_LOCK:
+        app = build_openai_app(config)
+    serve.run(app, name=APP, route_prefix="/")
 
 
 @dataclass

@@ -268,14 +268,17 @@ def _fold_stream(text: str) -> dict[str, Any]:
             usage = chunk["usage"]
         for c in chunk.get("choices", []):
             slot = choices.setdefault(
-                c["index"], {"text": "", "finish_reason": None, "tool_calls": {}, "logprobs": []}
+                c["index"], {"text": "", "finish_reason": None, "tool_calls": {}, "logprobs": {}}
             )
             delta = c.get("delta") or {}
             slot["text"] += delta.get("content") or c.get("text") or ""
             if c.get("finish_reason"):
                 slot["finish_reason"] = c["finish_reason"]
-            if c.get("logprobs"):
-                slot["logprobs"].append(c["logprobs"])
+            for key, values in (c.get("logprobs") or {}).items():
+                # vLLM merges deltas that queue up while its consumer is busy, so where chunk
+                # boundaries fall depends on timing: compare the concatenation.
+                if isinstance(values, list):
+                    slot["logprobs"].setdefault(key, []).extend(values)
             for tc in delta.get("tool_calls") or []:
                 call = slot["tool_calls"].setdefault(tc["index"], {"name": "", "arguments": ""})
                 fn = tc.get("function") or {}

@@ -84,7 +84,7 @@ def build_openai_app(
             max_ongoing_requests=ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": ingress.num_cpus},
         )
-        .bind(handles, cards, config.auth)
+        .bind(handles, cards, config.auth, config.observability)
     )
 
 

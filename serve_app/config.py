@@ -286,6 +286,19 @@ class AuthOptions(StrictModel):
         return value
 
 
+class ObservabilityOptions(StrictModel):
+    """Logs of requests (metrics are always exported through Ray)."""
+
+    access_log: bool = Field(
+        True, description="One JSON line per request on the ingress replicas' stdout (no text)."
+    )
+    log_request_text: bool = Field(
+        False,
+        description="Add each request's body and its response text to the access log. Off by "
+        "default: prompts and completions may hold secrets and personal data.",
+    )
+
+
 class AppConfig(StrictModel):
     """The whole application: the models and the ingress in front of them."""
 
@@ -294,6 +307,9 @@ class AppConfig(StrictModel):
         default_factory=IngressOptions, description="Options of the ingress deployment."
     )
     auth: AuthOptions = Field(default_factory=AuthOptions, description="API keys and CORS.")
+    observability: ObservabilityOptions = Field(
+        default_factory=ObservabilityOptions, description="Access logs."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

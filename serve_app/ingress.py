@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +25,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from serve_app.auth import KeyChecker, check_exposure
-from serve_app.config import AuthOptions
-from serve_app.engine.protocol import Head, Route
+from serve_app.config import AuthOptions, ObservabilityOptions
+from serve_app.engine.protocol import Head, Route, Usage
 from serve_app.errors import error_body
+from serve_app.telemetry import RequestRecord, Telemetry
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,10 +76,20 @@ class OpenAIIngress:
     """Routes OpenAI requests to model deployments by the request's `model`."""
 
     def __init__(
-        self, models: dict[str, DeploymentHandle], cards: list[ModelCard], auth: AuthOptions | None = None
+        self,
+        models: dict[str, DeploymentHandle],
+        cards: list[ModelCard],
+        auth: AuthOptions | None = None,
+        observability: ObservabilityOptions | None = None,
     ) -> None:
         auth = auth or AuthOptions()
+        observability = observability or ObservabilityOptions()
         self._keys = KeyChecker.from_options(auth)
+        self._telemetry = Telemetry(
+            [c.id for c in cards],
+            access_log=observability.access_log,
+            log_request_text=observability.log_request_text,
+        )
         host = _serve_http_host()
         if host is not None:
             check_exposure(host, auth, "ingress")
@@ -89,6 +101,7 @@ class OpenAIIngress:
             name: handle.options(method_name="generate", stream=True) for name, handle in models.items()
         }
         self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
+        self._model_id = {name: c.id for c in cards for name in (c.id, *c.aliases)}
         self._wait_timeout_s = {c.deployment: c.wait_timeout_s for c in cards}
         # Like `vllm serve`, a server of one model lets requests leave `model` out.
         self._only_model = cards[0].id if len(cards) == 1 else None
@@ -102,28 +115,54 @@ class OpenAIIngress:
         return _error(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.")
 
     async def chat_completions(self, request: Request) -> Response:
-        return self._denied(request) or await self._forward(request, Route.CHAT)
+        return await self._forward(request, Route.CHAT)
 
     async def completions(self, request: Request) -> Response:
-        return self._denied(request) or await self._forward(request, Route.COMPLETION)
+        return await self._forward(request, Route.COMPLETION)
 
     async def tokenize(self, request: Request) -> Response:
-        return self._denied(request) or await self._forward(request, Route.TOKENIZE)
+        return await self._forward(request, Route.TOKENIZE)
 
     async def detokenize(self, request: Request) -> Response:
-        return self._denied(request) or await self._forward(request, Route.DETOKENIZE)
+        return await self._forward(request, Route.DETOKENIZE)
+
+    async def _measured(self, record: RequestRecord, answer: Awaitable[Response]) -> Response:
+        """Await the answer to a request and record it (a stream records itself when it ends)."""
+        try:
+            response = await answer
+        except asyncio.CancelledError:  # the client went away
+            record.cancelled = True
+            self._telemetry.finish(record)
+            raise
+        except Exception as exc:
+            record.status, record.error = 500, repr(exc)
+            self._telemetry.finish(record)
+            raise
+        if not isinstance(response, _RelayedStream):
+            record.status, record.done = response.status_code, True
+            self._telemetry.finish(record)
+        return response
 
     async def list_models(self, request: Request) -> Response:
+        record = self._telemetry.begin(_request_id(request), "models")
+        return await self._measured(record, self._list_models(request))
+
+    async def _list_models(self, request: Request) -> Response:
         if denied := self._denied(request):
             return denied
         data = [await self._card(name) for name in self._deployment_of]
         return Response(json.dumps({"object": "list", "data": data}), media_type=_JSON)
 
     async def get_model(self, model_id: str, request: Request) -> Response:
+        record = self._telemetry.begin(_request_id(request), "models")
+        return await self._measured(record, self._get_model(model_id, request, record))
+
+    async def _get_model(self, model_id: str, request: Request, record: RequestRecord) -> Response:
         if denied := self._denied(request):
             return denied
         if model_id not in self._deployment_of:
             return _error(404, f"The model `{model_id}` does not exist.", param="model")
+        record.model = self._model_id[model_id]
         return Response(json.dumps(await self._card(model_id)), media_type=_JSON)
 
     async def health(self) -> Response:
@@ -144,9 +183,13 @@ class OpenAIIngress:
         return card.to_openai(name, self._created, self._max_model_len.get(deployment))
 
     async def _forward(self, request: Request, route: Route) -> Response:
-        # Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the
-        # request headers and returns it on the response; it becomes the engine's request id.
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        record = self._telemetry.begin(_request_id(request), route.value)
+        return await self._measured(record, self._route(request, route, record))
+
+    async def _route(self, request: Request, route: Route, record: RequestRecord) -> Response:
+        if denied := self._denied(request):
+            return denied
+        request_id = record.request_id
         body = await request.body()
         try:
             payload = json.loads(body)
@@ -160,12 +203,15 @@ class OpenAIIngress:
         deployment = self._deployment_of.get(model)
         if deployment is None:
             return _error(404, f"The model `{model}` does not exist.", param="model")
+        self._telemetry.routed(record, self._model_id[model], body)
+        record.stream = payload.get("stream") is True
 
         stream = self._streams[deployment].remote(route, body, request_id)
         try:
             # The request waits here (not failed) while the model has no free replica, e.g.
             # while it scales up from zero; the wait is bounded per model.
             await asyncio.wait_for(stream.__anext__(), timeout=self._wait_timeout_s[deployment])
+            record.accepted = time.perf_counter()
             head = await stream.__anext__()
         except asyncio.TimeoutError:
             stream.cancel()
@@ -177,37 +223,77 @@ class OpenAIIngress:
             )
         except BackPressureError:
             # The model's router queue is full (deployment.max_queued_requests): shed load.
+            record.error = "backpressure"
             return _error(
                 503,
                 f"The model `{model}` is at capacity; retry later.",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+        except asyncio.CancelledError:
+            stream.cancel()  # the client went away: free the engine
+            raise
         except Exception as exc:
             stream.cancel()
             logger.warning("request %s: model %s failed before responding: %r", request_id, model, exc)
+            record.error = repr(exc)
             return _error(503, f"The model `{model}` could not serve the request; retry later.")
         assert isinstance(head, Head)
         if not head.stream:
+            record.usage = head.usage
+            if record.response_text is not None:
+                record.response_text.append(head.body)
             return Response(head.body, status_code=head.status, media_type=_JSON)
-        return StreamingResponse(_relay(stream, request_id), media_type="text/event-stream")
+        record.status = 200
+        return _RelayedStream(stream, record, self._telemetry)
 
 
-async def _relay(stream: DeploymentResponseGenerator, request_id: str) -> AsyncIterator[bytes]:
-    """Pass SSE chunks through; if the client goes away, cancel the engine request."""
-    finished = False
+class _RelayedStream(StreamingResponse):
+    """An SSE response relayed from a model replica, recorded when it ends.
+
+    However the response ends (sent whole, broken, or the client gone before or during
+    the body), the engine request is released and the request is recorded once.
+    """
+
+    def __init__(
+        self, stream: DeploymentResponseGenerator, record: RequestRecord, telemetry: Telemetry
+    ) -> None:
+        super().__init__(_relay(stream, record), media_type="text/event-stream")
+        self._stream = stream
+        self._record = record
+        self._telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._record.done:
+                self._record.cancelled = True
+                self._stream.cancel()
+            self._telemetry.finish(self._record)
+
+
+async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:
+    """Pass SSE chunks through as they come; keep the engine's token counts for the record."""
     try:
-        async for chunk in stream:
-            yield chunk
-        finished = True
+        async for item in stream:
+            if isinstance(item, Usage):
+                record.usage = item
+                continue
+            record.chunk(item)
+            yield item
     except Exception as exc:
         # The replica died mid-stream: end the stream the way OpenAI clients understand.
-        logger.warning("request %s: stream broke: %r", request_id, exc)
+        logger.warning("request %s: stream broke: %r", record.request_id, exc)
+        record.status, record.error = 503, f"stream interrupted: {exc!r}"
         yield b"data: " + error_body(503, "The stream was interrupted by a server error.") + b"\n\n"
         yield b"data: [DONE]\n\n"
-        finished = True
-    finally:
-        if not finished:
-            stream.cancel()
+    record.done = True
+
+
+def _request_id(request: Request) -> str:
+    # Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the
+    # request headers and returns it on the response; it becomes the engine's request id.
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
 def _openai_error_handlers(app: FastAPI) -> None:

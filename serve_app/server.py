@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import logging.handlers
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from serve_app.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.config import ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 
 logger = logging.getLogger("ray.serve")
+
+GAUGE_PERIOD_S = 1.0
 
 
 def engine_class(config: ModelConfig) -> type[Engine]:
@@ -24,6 +29,25 @@ def engine_class(config: ModelConfig) -> type[Engine]:
     return VLLMEngine
 
 
+@contextlib.contextmanager
+def _keep_log_handlers() -> Iterator[None]:
+    """Keep Ray Serve's replica log file working through an engine's start.
+
+    vLLM applies its logging config with `logging.config.dictConfig`, which closes every
+    handler of the process. Serve writes its replica log file through a `MemoryHandler`,
+    which drops its target when closed: from then on, the replica's log lines (request ids
+    included) would reach only stderr. Restore the targets.
+    """
+    handlers = {h for name in ("", "ray", "ray.serve") for h in logging.getLogger(name).handlers}
+    buffered = [(h, h.target) for h in handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in buffered:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)
+
+
 class ModelServer:
     """One replica of one model: starts its engine and serves the OpenAI routes it handles."""
 
@@ -31,12 +55,29 @@ class ModelServer:
         self._config = config
         self._engine = (engine_cls or engine_class(config))(config)
         logger.info("model %s: starting engine", config.id)
-        await self._engine.start()
+        with _keep_log_handlers():
+            await self._engine.start()
         logger.info("model %s: engine ready", config.id)
+        self._gauges_task = asyncio.create_task(self._report_load())
+
+    async def _report_load(self) -> None:
+        """Publish the engine's load as Ray gauges every `GAUGE_PERIOD_S`."""
+        from ray import serve
+
+        from serve_app.telemetry import EngineGauges
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        gauges = EngineGauges(self._config.id, replica)
+        while True:
+            try:
+                gauges.update(self._engine.stats())
+            except Exception as exc:  # never let metrics stop a replica
+                logger.warning("model %s: cannot read engine stats: %r", self._config.id, exc)
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def generate(
         self, route: Route, body: bytes, request_id: str
-    ) -> AsyncIterator[Head | bytes | None]:
+    ) -> AsyncIterator[Head | bytes | Usage | None]:
         """Stream one request's response: `None` as soon as this replica has taken the request
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams."""
         yield None
@@ -53,6 +94,10 @@ class ModelServer:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
+        if (task := getattr(self, "_gauges_task", None)) is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._engine.shutdown()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.config import ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
 
 
@@ -127,7 +127,7 @@ class FakeEngine(Engine):
             )
         return req, prompt_tokens, max_tokens
 
-    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         if not self._started:
             raise RuntimeError("the fake engine has not been started")
         if route not in (Route.CHAT, Route.COMPLETION):
@@ -152,7 +152,7 @@ class FakeEngine(Engine):
 
     async def _generate(
         self, route: Route, req: dict[str, Any], request_id: str, prompt_tokens: int, n: int
-    ) -> AsyncIterator[Head | bytes]:
+    ) -> AsyncIterator[Head | bytes | Usage]:
         chat = route is Route.CHAT
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         created = int(time.time())
@@ -176,7 +176,7 @@ class FakeEngine(Engine):
                 choice["text"] = text
             obj = "chat.completion" if chat else "text_completion"
             full = {**base, "object": obj, "choices": [choice], "usage": usage}
-            yield Head(200, json.dumps(full).encode())
+            yield Head(200, json.dumps(full).encode(), usage=Usage(prompt_tokens, n))
             return
         yield Head(200, stream=True)
         if chat:
@@ -196,3 +196,4 @@ class FakeEngine(Engine):
         if isinstance(options, dict) and options.get("include_usage"):
             yield _sse({**base, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
+        yield Usage(prompt_tokens, n)

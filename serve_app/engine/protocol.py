@@ -4,7 +4,10 @@
 - `Head(status, body=...)`, `stream=False`: the whole response (JSON, or an OpenAI error
   body when `status` >= 400); nothing follows.
 - `Head(200, stream=True)`: a stream follows, as `bytes` items, each holding one or more
-  complete Server-Sent Events (`data: ...\\n\\n`), the last being `data: [DONE]\\n\\n`.
+  complete Server-Sent Events (`data: ...\\n\\n`), the last being `data: [DONE]\\n\\n`,
+  and then, if the engine counted them, a `Usage` (for metrics; never sent to the client).
+
+A whole response carries its `Usage` on the `Head`.
 
 Only these small, serializable values cross a Ray Serve handle. Closing the generator
 early (client gone) must abort the engine request.
@@ -32,12 +35,21 @@ class Route(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one request used, for metrics and the access log."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Head:
     """Status of a response, and its whole body unless it streams."""
 
     status: int
     body: bytes = b""
     stream: bool = False
+    usage: Usage | None = None  # of a whole response, when the engine knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,7 @@ class Engine(ABC):
         """Load the model; `handle` may be called only after this returns."""
 
     @abstractmethod
-    def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+    def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         """Serve one OpenAI request whose JSON body is `body` (see the module docstring)."""
 
     @abstractmethod

@@ -12,6 +12,7 @@ locations, and calls `init_app_state` with the parameters the installed release 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -32,7 +33,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import State
 
 from serve_app.config import ConfigError, ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route
+from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
 from serve_app.media import MediaError, check_images
 
@@ -189,44 +190,92 @@ async def _validation_error(exc: ValidationError, ns: Namespace) -> Head:
     return Head(int(response.status_code), bytes(response.body))
 
 
-_GAUGES = frozenset(
-    {
-        "vllm:num_requests_running",
-        "vllm:num_requests_waiting",
-        "vllm:kv_cache_usage_perc",
-        "vllm:gpu_cache_usage_perc",  # the name before vLLM 0.10
-    }
-)
+class _SchedulerSnapshot:
+    """A vLLM stat logger that keeps the latest scheduler statistics of one engine.
 
-
-def _vllm_gauges() -> dict[str, float]:
-    """The engine's scheduler gauges, read from vLLM's own Prometheus metrics in this process.
-
-    vLLM updates them from every engine step's scheduler statistics; reading them here needs
-    no change to how the engine is built, in any vLLM release.
+    vLLM calls `record` after every engine step; `stats()` reads the last values, so the
+    replica's load costs one attribute read. It follows vLLM's `StatLoggerBase` interface
+    (per-engine factory: `(vllm_config, engine_index) -> logger`).
     """
-    from prometheus_client import REGISTRY
 
-    values: dict[str, float] = {}
-    for family in REGISTRY.collect():
-        if family.name in _GAUGES:
-            values[family.name] = float(sum(sample.value for sample in family.samples))
-    return values
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerSnapshot:
+        return self
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self.running = int(scheduler_stats.num_running_reqs)
+            self.waiting = int(scheduler_stats.num_waiting_reqs) + int(
+                getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+            )
+            self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
-def _parser(annotation: Any) -> Callable[[bytes], Any]:
-    """A JSON body parser for a request model or a union of them (e.g. TokenizeRequest)."""
+def _ray_stat_logger() -> Any | None:
+    """vLLM's stat logger that exports its metrics through Ray (to Ray's Prometheus endpoint)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError:
+        return None
+    return RayPrometheusStatLogger
+
+
+@contextlib.asynccontextmanager
+async def _engine_client(engine_args: Any, stat_loggers: list[Any]) -> AsyncIterator[Any]:
+    """vLLM's `AsyncLLM`, built as `vllm serve` builds it, with our stat loggers added."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    client = AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        stat_loggers=stat_loggers,
+        enable_log_requests=engine_args.enable_log_requests,
+        aggregate_engine_logging=getattr(engine_args, "aggregate_engine_logging", False),
+        disable_log_stats=engine_args.disable_log_stats,
+    )
+    try:
+        await client.reset_mm_cache()  # don't keep the profiling inputs in memory
+        yield client
+    finally:
+        client.shutdown(timeout=getattr(vllm_config, "shutdown_timeout", None))
+
+
+def _parser(annotation: Any) -> Callable[[Any], Any]:
+    """A validator of a parsed JSON body for a request model or a union of them (e.g.
+    TokenizeRequest)."""
     # Like FastAPI in vLLM's server: JSON first, then the model in Python mode (the error
     # messages differ between the two modes).
-    validate: Callable[[Any], Any]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        validate = annotation.model_validate
-    else:
-        validate = TypeAdapter(annotation).validate_python
-    return lambda body: validate(json.loads(body))
+        return annotation.model_validate
+    return TypeAdapter(annotation).validate_python
 
 
-def _routes(state: State) -> dict[Route, tuple[Any, Callable[[bytes], Any], Any]]:
+def _routes(state: State) -> dict[Route, tuple[Any, Callable[[Any], Any], Any]]:
     """vLLM's serving objects that init_app_state built, with the request model of each route."""
     routes: dict[Route, tuple[Any, Callable[[bytes], Any], Any]] = {}
     chat = state.openai_serving_chat
@@ -250,7 +299,38 @@ def _whole_response(result: BaseModel) -> Head:
     """A whole response: vLLM's ErrorResponse (status = error.code) or a 200 body."""
     error = getattr(result, "error", None)
     status = int(error.code) if error is not None and hasattr(error, "code") else 200
-    return Head(status, result.model_dump_json().encode())
+    usage = getattr(result, "usage", None)
+    counted = Usage(int(usage.prompt_tokens), int(usage.completion_tokens or 0)) if usage else None
+    return Head(status, result.model_dump_json().encode(), usage=counted)
+
+
+def _count_usage(payload: Any) -> bool:
+    """Ask vLLM for the usage chunk of a stream (to count tokens) if the client did not.
+
+    Returns whether the chunk is ours to drop: the client then sees exactly the stream it
+    asked for."""
+    if not isinstance(payload, dict) or payload.get("stream") is not True:
+        return False
+    options = payload.get("stream_options")
+    if options is None:
+        payload["stream_options"] = {"include_usage": True}
+        return True
+    if isinstance(options, dict) and not options.get("include_usage"):
+        # Continuous usage is only given with include_usage: keep it off, as the client has it.
+        payload["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": False}
+        return True
+    return False
+
+
+def _usage_of(chunk: str) -> Usage | None:
+    """The usage of a stream's final usage chunk (`choices: []` and `usage`), else None."""
+    if '"usage":' not in chunk or '"choices":[]' not in chunk:
+        return None
+    try:
+        usage = json.loads(chunk[len("data: ") :])["usage"]
+        return Usage(int(usage["prompt_tokens"]), int(usage.get("completion_tokens") or 0))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class VLLMEngine(Engine):
@@ -260,8 +340,9 @@ class VLLMEngine(Engine):
         super().__init__(config)
         self._stack = AsyncExitStack()
         self._client: Any = None
-        # route -> (serving object, body parser, the serving method that answers it)
-        self._routes: dict[Route, tuple[Any, Callable[[bytes], Any], Any]] = {}
+        # route -> (serving object, body validator, the serving method that answers it)
+        self._routes: dict[Route, tuple[Any, Callable[[Any], Any], Any]] = {}
+        self._scheduler = _SchedulerSnapshot()
         self._info: ModelInfo | None = None
         self._accepts_images = False
         self._namespace = Namespace()
@@ -269,9 +350,12 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         _check_source(self.config)
         ns = self._namespace = build_namespace(self.config)
-        build_client = _import_first(_API_SERVER_MODULES, "build_async_engine_client_from_engine_args")
         init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
-        self._client = await self._stack.enter_async_context(build_client(_engine_args(ns)))
+        # vLLM's own metrics go to Ray's metrics endpoint when the engine runs under Ray.
+        loggers = [self._scheduler.factory]
+        if (ray_logger := _ray_stat_logger()) is not None:
+            loggers.insert(0, ray_logger)
+        self._client = await self._stack.enter_async_context(_engine_client(_engine_args(ns), loggers))
         state = State()
         kwargs: dict[str, Any] = {}
         if "supported_tasks" in inspect.signature(init_app_state).parameters:
@@ -288,7 +372,7 @@ class VLLMEngine(Engine):
             raise RuntimeError("the engine has not been started")
         return self._info
 
-    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
+    async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         entry = self._routes.get(route)
         if entry is None:
             yield Head(404, error_body(404, f"model '{self.config.id}' does not serve the {route.value} API"))
@@ -302,7 +386,9 @@ class VLLMEngine(Engine):
                     accepts_images=self._accepts_images,
                     allowed_hosts=self.config.media.allowed_remote_hosts,
                 )
-            request = parse(body)
+            payload = json.loads(body)
+            hide_usage = route in (Route.CHAT, Route.COMPLETION) and _count_usage(payload)
+            request = parse(payload)
         except ValidationError as exc:
             yield await _validation_error(exc, self._namespace)
             return
@@ -322,23 +408,32 @@ class VLLMEngine(Engine):
             yield _whole_response(result)
             return
         yield Head(200, stream=True)
+        usage = None
         try:
             async for chunk in result:
+                if (counted := _usage_of(chunk)) is not None:
+                    usage = counted
+                    if hide_usage:
+                        continue
                 yield chunk.encode()
         finally:
             await result.aclose()
+        if usage is not None:
+            yield usage
 
     def stats(self) -> EngineStats:
         if self._client is None:
             return EngineStats(in_flight=0)
-        gauges = _vllm_gauges()
+        # The scheduler's figures are those of its last step; the output processor knows at
+        # once when a request finished or was aborted, so it bounds them (an idle engine
+        # takes no step to report zero).
+        in_flight = int(self._client.output_processor.get_num_unfinished_requests())
+        running = min(self._scheduler.running, in_flight)
         return EngineStats(
-            in_flight=int(self._client.output_processor.get_num_unfinished_requests()),
-            running=int(gauges.get("vllm:num_requests_running", 0)),
-            waiting=int(gauges.get("vllm:num_requests_waiting", 0)),
-            kv_cache_usage=gauges.get(
-                "vllm:kv_cache_usage_perc", gauges.get("vllm:gpu_cache_usage_perc", 0.0)
-            ),
+            in_flight=in_flight,
+            running=running,
+            waiting=min(self._scheduler.waiting, in_flight - running),
+            kv_cache_usage=self._scheduler.kv_cache_usage if in_flight else 0.0,
         )
 
     async def check_health(self) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,18 @@ def free_port() -> int:
 class RunningApp:
     url: str
     config: AppConfig
+    session_dir: Path  # Ray's session directory (logs/ holds every process's logs)
+    dashboard_url: str
+
+    def metrics_urls(self) -> list[str]:
+        """Ray's Prometheus endpoint on each node."""
+        import ray
+
+        return [
+            f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes()
+            if node["Alive"]
+        ]
 
     def engine_stats(self, model_id: str) -> int:
         """Requests the model's engine holds right now (its only replica)."""
@@ -47,12 +61,26 @@ def local_app() -> Iterator[RunningApp]:
     config = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
     port = free_port()
     owned: set[int] = set()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray's own spelling)
+    dashboard_port = free_port()
+    context = ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        log_to_driver=False,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_openai_app(config), name=APP_NAME, route_prefix="/")
         owned |= descendants()
-        yield RunningApp(url=f"http://127.0.0.1:{port}", config=config)
+        yield RunningApp(
+            url=f"http://127.0.0.1:{port}",
+            config=config,
+            session_dir=Path(context.address_info["session_dir"]),
+            dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        )
     finally:
         owned |= descendants()
         try:
@@ -60,3 +88,4 @@ def local_app() -> Iterator[RunningApp]:
         finally:
             ray.shutdown()
             kill_leftovers(owned)
+            os.environ.pop("RAY_metrics_report_interval_ms", None)

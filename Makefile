@@ -20,7 +20,11 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
-.PHONY: install models run check test lint unit clean
+.PHONY: install models run check test lint unit clean tools
+
+# The observability tests run a real Prometheus server: Debian's package, installed when
+# missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
+PROMETHEUS ?= $(shell command -v prometheus 2>/dev/null)
 
 install: $(STAMP)
 
@@ -55,9 +59,17 @@ lint: install
 unit: install models
 	$(PY) -m pytest -q tests/unit
 
+tools:
+ifeq ($(PROMETHEUS),)
+	@echo "==> Installing Prometheus (Debian package) for the observability tests"
+	@if [ "$$(id -u)" != 0 ]; then echo "Prometheus is missing: install Debian's 'prometheus' package, or set PROMETHEUS=/path/to/prometheus" >&2; exit 1; fi
+	apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+endif
+
 # pytest exits 5 when it collects no test: report it, don't fail on it.
-test: install models lint
-	$(PY) -m pytest -q -rs tests; rc=$$?; \
+test: install models lint tools
+	PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q -rs tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 clean:

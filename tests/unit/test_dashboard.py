@@ -1,0 +1,299 @@
+"""The Grafana dashboard of cluster/grafana/ and serve_app.dashboard, which reads and renders it.
+
+Rendering runs against a fake Prometheus (http.server in a thread) that answers query_range with
+a matrix; nothing else starts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from serve_app import dashboard as dash
+from serve_app.dashboard import DashboardError, metric_names, substitute
+
+ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors"]
+
+
+@pytest.fixture(scope="module")
+def board() -> dict[str, Any]:
+    return dash.load_dashboard()
+
+
+def _exprs(board: dict[str, Any]) -> list[str]:
+    return [expr for panel in dash.panels(board) for expr, _ in panel.targets]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard JSON
+
+
+def test_dashboard_identity_and_variables(board: dict[str, Any]) -> None:
+    assert (board["uid"], board["title"], board["schemaVersion"]) == ("mistral-serve", "mistral-serve", 39)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    model = variables["model"]
+    assert model["query"]["query"] == "label_values(ray_mistral_serve_requests_total, model)"
+    assert model["multi"] is True and model["includeAll"] is True and model["allValue"] == ".*"
+    assert model["datasource"]["uid"] == "${datasource}"
+
+
+def test_dashboard_has_the_five_rows(board: dict[str, Any]) -> None:
+    assert [p["title"] for p in board["panels"] if p["type"] == "row"] == ROWS
+    assert [r for r in ROWS if not any(p.row == r for p in dash.panels(board))] == []
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_panel_queries_the_datasource_variable(board: dict[str, Any]) -> None:
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] == "timeseries"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"] in {"s", "reqps", "percentunit", "short"}
+        targets = panel["targets"]
+        assert targets and any(t["datasource"]["uid"] == "${datasource}" for t in targets), panel["title"]
+
+
+def _balanced(expr: str) -> bool:
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for ch in dash._STRING.sub('""', expr):
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            return False
+    return not stack
+
+
+def test_every_expr_parses_and_filters_the_model(board: dict[str, Any]) -> None:
+    exprs = _exprs(board)
+    assert len(exprs) >= 15
+    for expr in exprs:
+        assert _balanced(expr), expr
+        names = metric_names(expr)
+        assert names, expr
+        if any(n.startswith("ray_mistral_serve_") for n in names):
+            # Each selector of our metrics carries the filter.
+            assert expr.count("ray_mistral_serve_") == expr.count('{model=~"$model"'), expr
+        if any(n.startswith("ray_vllm_") for n in names):
+            assert expr.count("ray_vllm_") == expr.count('{model_name=~"$model"'), expr
+        if "rate(" in expr:
+            assert "[$__rate_interval]" in expr, expr
+
+
+def test_dashboard_metric_names(board: dict[str, Any]) -> None:
+    names = dash.dashboard_metric_names(board)
+    assert "ray_mistral_serve_requests_total" in names
+    assert "ray_vllm_time_to_first_token_seconds_bucket" in names
+    assert "ray_serve_autoscaling_target_replicas" in names
+    assert all(n.startswith(("ray_mistral_serve_", "ray_vllm_", "ray_serve_")) for n in names), names
+
+
+# ---------------------------------------------------------------------------------------------
+# metric_names and substitute
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ("up", {"up"}),
+        ('rate(foo_total{a="b"}[5m])', {"foo_total"}),
+        (
+            'histogram_quantile(0.95, sum by (le, model) (rate(x_bucket{model=~"$model"}[$__rate_interval])))',
+            {"x_bucket"},
+        ),
+        (
+            "sum(rate(a_total[1m])) by (le) / on (model) group_left (x) sum without (pod) (b)",
+            {"a_total", "b"},
+        ),
+        ('count by (model) (g{model=~"$model"}) or 0 * h', {"g", "h"}),
+        ('label_replace(m, "dst", "$1", "src", "(sum|rate)\\\\(.*")', {"m"}),
+        ('sum(x{s="}{[by (y)"}) and bool y unless z', {"x", "y", "z"}),
+        ("rate(x[5m:1m] offset 1h30m) > 1e3 + Inf + NaN - 0x1f", {"x"}),
+        ("x @ start() + y @ 1609746000", {"x", "y"}),
+        ('{__name__="ns:metric:rate5m", job="j"} + {job="only"}', {"ns:metric:rate5m"}),
+        ("sum by(model)(a${model}b)", {"a", "b"}),
+        ("abs (x) # trailing comment with y\n+ z", {"x", "z"}),
+        ("vector(1) + time()", set()),
+    ],
+)
+def test_metric_names(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_substitute() -> None:
+    vars_ = {"model": "a|b", "__rate_interval": "1m"}
+    assert substitute('rate(x{model=~"$model"}[$__rate_interval])', vars_) == 'rate(x{model=~"a|b"}[1m])'
+    assert substitute('x{m=~"${model}", n="[[model]]", o="${model:regex}"}', vars_) == (
+        'x{m=~"a|b", n="a|b", o="a|b"}'
+    )
+    # Longer names are not prefixes of shorter ones; unknown variables stay.
+    assert substitute("$models $model_x $__interval $model", vars_) == "$models $model_x $__interval a|b"
+
+
+def test_legend() -> None:
+    labels = {"model": "m", "status": "200"}
+    assert dash.legend("{{model}} {{ status }} {{missing}}", labels) == "m 200"
+    assert dash.legend("", {"__name__": "x", "a": "1"}) == 'x{a="1"}'
+    assert dash.legend("{{missing}}", {"a": "1"}) == '{a="1"}'
+
+
+def test_panels_reads_collapsed_rows() -> None:
+    board = {
+        "panels": [
+            {"type": "timeseries", "title": "top", "targets": [{"expr": "a"}]},
+            {
+                "type": "row",
+                "title": "R",
+                "collapsed": True,
+                "panels": [
+                    {"type": "timeseries", "title": "in", "targets": [{"expr": "b", "legendFormat": "L"}]}
+                ],
+            },
+            {"type": "text", "title": "no queries"},
+        ]
+    }
+    got = [(p.row, p.title, p.unit, p.targets) for p in dash.panels(board)]
+    assert got == [("", "top", "short", [("a", "")]), ("R", "in", "short", [("b", "L")])]
+
+
+def test_load_dashboard_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DashboardError, match="cannot read"):
+        dash.load_dashboard(bad)
+    bad.write_text("[]")
+    with pytest.raises(DashboardError, match="not a Grafana dashboard"):
+        dash.load_dashboard(bad)
+    with pytest.raises(DashboardError, match="cannot read"):
+        dash.load_dashboard(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# render against a fake Prometheus
+
+
+def _series_for(query: str) -> int:
+    """How many series the fake answers: 0 for KV-cache and vLLM queries, 2 for request counts, else 1."""
+    if "kv_cache" in query or "ray_vllm_" in query:
+        return 0
+    return 2 if "requests_total" in query else 1
+
+
+class _FakePrometheus(BaseHTTPRequestHandler):
+    queries: list[str] = []
+
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        params = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path != "/api/v1/query_range":
+            self.send_error(404)
+            return
+        self.queries.append(params["query"])
+        start, end, step = float(params["start"]), float(params["end"]), float(params["step"])
+        times = [start + i * step for i in range(int((end - start) // step) + 1)]
+        result = [
+            {
+                "metric": {"model": "m", "status": f"{200 + i}", "replica": f"r{i}"},
+                "values": [[t, str(0.1 * (i + 1))] for t in times],
+            }
+            for i in range(_series_for(params["query"]))
+        ]
+        body = json.dumps({"status": "success", "data": {"resultType": "matrix", "result": result}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def prometheus() -> Iterator[tuple[str, list[str]]]:
+    _FakePrometheus.queries = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakePrometheus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", _FakePrometheus.queries
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _expected(panel: dash.Panel) -> int:
+    return sum(_series_for(expr) for expr, _ in panel.targets)
+
+
+def test_render_draws_every_panel(
+    board: dict[str, Any], prometheus: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    url, queries = prometheus
+    out = tmp_path / "sub" / "board.png"
+    counts = dash.render(url, board, out, 1_700_000_000.0, 1_700_000_600.0, 15.0, model_regex="m|n")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p, _ in counts] == [p.name for p in dash.panels(board)]
+    assert [n for _, n in counts] == [_expected(p) for p, _ in counts]
+    assert any(n == 0 for _, n in counts)  # drawn as "no data"
+    assert len(queries) == len(_exprs(board))
+    assert all("$" not in q for q in queries), queries
+    assert any('model=~"m|n"' in q and "[60s]" in q for q in queries)
+
+
+def test_render_selected_rows(
+    board: dict[str, Any], prometheus: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    url, _ = prometheus
+    out = tmp_path / "rows.png"
+    counts = dash.render(url, board, out, 1_700_000_000.0, 1_700_000_300.0, 30.0, rows=["capacity"])
+    assert {p.row for p, _ in counts} == {"Capacity"}
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(DashboardError, match="no row named Nope"):
+        dash.render(url, board, out, 1_700_000_000.0, 1_700_000_300.0, 30.0, rows=["Nope"])
+
+
+def test_cli_render_and_metrics(
+    board: dict[str, Any],
+    prometheus: tuple[str, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, _ = prometheus
+    out = tmp_path / "cli.png"
+    argv = ["render", "--prometheus", url, "--out", str(out), "--minutes", "5", "--rows", "Scaling"]
+    assert dash.main(argv) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "Scaling / Replicas per model: 1 series" in capsys.readouterr().out
+
+    assert dash.main(["metrics"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == sorted(dash.dashboard_metric_names(board))
+
+
+def test_cli_errors_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["render", "--prometheus", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "x.png")]
+    assert dash.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach Prometheus") and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+    (tmp_path / "bad.json").write_text("{")
+    assert dash.main(["metrics", "--dashboard", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot read dashboard")

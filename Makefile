@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
-.PHONY: install models run check test lint unit clean tools
+.PHONY: install models run check test lint unit clean tools docs-pictures
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -71,6 +71,13 @@ endif
 test: install models lint tools
 	PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q -rs tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The README's pictures from a real run: the dashboard's panels from a real Prometheus, and
+# the Ray dashboard's Serve page in headless Chromium (Debian's package).
+docs-pictures: install models tools
+	$(PY) -m pip install -q -e ".[docs]"
+	command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium >/dev/null
+	MISTRAL_SERVE_DOCS=1 PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q tests/serve/test_prometheus.py
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from serve_app.config import AuthOptions, ConfigError
 
+ANONYMOUS = "anonymous"  # the caller when the app has no API key
+
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -73,15 +75,20 @@ class KeyChecker:
         return bool(self._hashes)
 
     def allows(self, authorization: str | None) -> bool:
+        return self.identify(authorization) is not None
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The caller's identity: the `sha256:<hex>` hash of its key, `anonymous` when no key
+        is configured, or None when the key is missing or wrong."""
         if not self._hashes:
-            return True
+            return ANONYMOUS
         if not authorization or not authorization.startswith("Bearer "):
-            return False
+            return None
         digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
         found = False
         for stored in self._hashes:  # every hash is compared: the time does not tell which matched
             found |= hmac.compare_digest(digest, stored)
-        return found
+        return "sha256:" + digest.hex() if found else None
 
 
 def check_exposure(host: str, options: AuthOptions, where: str) -> None:

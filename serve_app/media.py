@@ -2,7 +2,8 @@
 
 - A model that does not take images rejects `image_url` parts with a clear 400.
 - `data:` URLs are always accepted where images are.
-- Remote URLs (`http://`, `https://`) make the server fetch them: a server-side request
+- Remote URLs (`http://`, `https://`) of any media part (image, audio, video; with or
+  without `type`) make the server fetch them: a server-side request
   forgery risk. They are refused unless the model's config allows their host.
 - Anything else (`file:`, other schemes) is refused.
 """
@@ -19,7 +20,12 @@ class MediaError(ValueError):
     """A request whose images this model may not take; the message is for the client."""
 
 
-def _image_urls(messages: Any) -> Iterator[str]:
+# Parts whose URL vLLM fetches. vLLM infers a part's type from these keys when `type` is
+# missing, so the key decides, not `type`.
+_URL_KEYS = ("image_url", "audio_url", "video_url")
+
+
+def _media_urls(messages: Any) -> Iterator[str]:
     if not isinstance(messages, list):
         return
     for message in messages:
@@ -27,11 +33,13 @@ def _image_urls(messages: Any) -> Iterator[str]:
         if not isinstance(content, list):
             continue
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "image_url":
+            if not isinstance(part, dict):
                 continue
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            yield url if isinstance(url, str) else ""
+            for key in _URL_KEYS:
+                if key in part:
+                    media = part[key]
+                    url = media.get("url") if isinstance(media, dict) else media
+                    yield url if isinstance(url, str) else ""
 
 
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
@@ -42,13 +50,13 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 def check_images(body: bytes, *, model_id: str, accepts_images: bool, allowed_hosts: tuple[str, ...]) -> None:
     """Raise MediaError if the chat request carries images this model may not take."""
-    if b"image_url" not in body:  # cheap: most requests carry no image
+    if b"_url" not in body:  # cheap: most requests carry no media
         return
     try:
         messages = json.loads(body).get("messages")
     except (ValueError, AttributeError):
         return  # the request model reports the malformed body
-    for url in _image_urls(messages):
+    for url in _media_urls(messages):
         if not accepts_images:
             raise MediaError(f"The model `{model_id}` does not accept image input.")
         scheme = urlsplit(url).scheme.lower()
@@ -59,7 +67,7 @@ def check_images(body: bytes, *, model_id: str, accepts_images: bool, allowed_ho
             if host_allowed(host, allowed_hosts):
                 continue
             raise MediaError(
-                f"Fetching images from {host or 'that URL'} is not allowed for `{model_id}`: send the "
+                f"Fetching media from {host or 'that URL'} is not allowed for `{model_id}`: send the "
                 "image inline as a data: URL, or allow the host in the model's media.allowed_remote_hosts."
             )
-        raise MediaError("image_url must be a data: URL (or an http(s) URL of an allowed host).")
+        raise MediaError("Media URLs must be data: URLs (or http(s) URLs of an allowed host).")

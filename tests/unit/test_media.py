@@ -80,3 +80,18 @@ def test_host_allowed_is_exact() -> None:
     assert host_allowed("Example.com.", ("example.com",))
     assert not host_allowed("a.example.com", ("example.com",))
     assert not host_allowed("badexample.com", ("example.com",))
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"image_url": {"url": "http://169.254.169.254/latest/meta-data"}},  # no "type": vLLM infers it
+        {"image_url": "http://169.254.169.254/x.png"},
+        {"type": "audio_url", "audio_url": {"url": "http://10.0.0.1/a.wav"}},
+        {"video_url": {"url": "https://internal.example/v.mp4"}},
+    ],
+)
+def test_every_fetched_media_part_needs_an_allowed_host(part: dict[str, object]) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": [part]}]}).encode()
+    with pytest.raises(MediaError, match="not allowed"):
+        check_images(body, model_id="m", accepts_images=True, allowed_hosts=("images.example.com",))

@@ -73,6 +73,7 @@ def build_openai_app(
                 owned_by=model.owned_by or _owned_by(model.id),
                 max_model_len=int(max_len) if isinstance(max_len, int) else None,
                 wait_timeout_s=model.deployment.request_wait_timeout_s,
+                priority_scheduling=model.engine_args.get("scheduling_policy") == "priority",
             )
         )
     ingress = config.ingress
@@ -84,7 +85,15 @@ def build_openai_app(
             max_ongoing_requests=ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": ingress.num_cpus},
         )
-        .bind(handles, cards, config.auth, config.observability)
+        # Each ingress replica enforces its share of every quota.
+        .bind(
+            handles,
+            cards,
+            config.auth,
+            config.observability,
+            config.quotas.share(ingress.num_replicas),
+            config.limits,
+        )
     )
 
 

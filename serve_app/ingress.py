@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from serve_app.auth import KeyChecker, check_exposure
-from serve_app.config import AuthOptions, ObservabilityOptions
+from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, RequestLimits
 from serve_app.engine.protocol import Head, Route, Usage
 from serve_app.errors import error_body
+from serve_app.limits import InputError, check_body_size, check_headers, check_request, decode_body
+from serve_app.quotas import Quotas, Rejection
 from serve_app.telemetry import RequestRecord, Telemetry
 
 logger = logging.getLogger("ray.serve")
@@ -50,6 +52,7 @@ class ModelCard:
     owned_by: str
     max_model_len: int | None = None
     wait_timeout_s: float = 300.0  # how long a request may wait for a replica to take it
+    priority_scheduling: bool = False  # the engine schedules by request priority
 
     def to_openai(self, name: str, created: int, max_model_len: int | None) -> dict[str, Any]:
         card: dict[str, Any] = {
@@ -81,8 +84,12 @@ class OpenAIIngress:
         cards: list[ModelCard],
         auth: AuthOptions | None = None,
         observability: ObservabilityOptions | None = None,
+        quotas: QuotaOptions | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
+        self._limits = limits or RequestLimits()
         auth = auth or AuthOptions()
+        self._quotas = Quotas(quotas or QuotaOptions())  # this replica's share (see the builder)
         observability = observability or ObservabilityOptions()
         self._keys = KeyChecker.from_options(auth)
         self._telemetry = Telemetry(
@@ -102,6 +109,7 @@ class OpenAIIngress:
         }
         self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
         self._model_id = {name: c.id for c in cards for name in (c.id, *c.aliases)}
+        self._priority_scheduling = {c.deployment for c in cards if c.priority_scheduling}
         self._wait_timeout_s = {c.deployment: c.wait_timeout_s for c in cards}
         # Like `vllm serve`, a server of one model lets requests leave `model` out.
         self._only_model = cards[0].id if len(cards) == 1 else None
@@ -109,8 +117,20 @@ class OpenAIIngress:
             c.deployment: c.max_model_len for c in cards if c.max_model_len is not None
         }
 
-    def _denied(self, request: Request) -> Response | None:
-        if self._keys.allows(request.headers.get("authorization")):
+    def _finish(self, record: RequestRecord) -> None:
+        """A request ended (answered, failed or cancelled): free its quota and record it."""
+        if record.admission is not None:
+            usage = record.usage
+            self._quotas.release(
+                record.admission, usage.prompt_tokens + usage.completion_tokens if usage else 0
+            )
+        self._telemetry.finish(record)
+
+    def _denied(self, request: Request, record: RequestRecord | None = None) -> Response | None:
+        identity = self._keys.identify(request.headers.get("authorization"))
+        if identity is not None:
+            if record is not None:
+                record.identity = identity
             return None
         return _error(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.")
 
@@ -132,15 +152,15 @@ class OpenAIIngress:
             response = await answer
         except asyncio.CancelledError:  # the client went away
             record.cancelled = True
-            self._telemetry.finish(record)
+            self._finish(record)
             raise
         except Exception as exc:
             record.status, record.error = 500, repr(exc)
-            self._telemetry.finish(record)
+            self._finish(record)
             raise
         if not isinstance(response, _RelayedStream):
             record.status, record.done = response.status_code, True
-            self._telemetry.finish(record)
+            self._finish(record)
         return response
 
     async def list_models(self, request: Request) -> Response:
@@ -187,14 +207,20 @@ class OpenAIIngress:
         return await self._measured(record, self._route(request, route, record))
 
     async def _route(self, request: Request, route: Route, record: RequestRecord) -> Response:
-        if denied := self._denied(request):
+        if denied := self._denied(request, record):
             return denied
         request_id = record.request_id
-        body = await request.body()
+        limits = self._limits
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"The request body is not valid JSON: {exc}")
+            check_headers(request.headers.items(), limits)
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit():
+                check_body_size(int(declared), limits)  # before reading it
+            body = await request.body()
+            check_body_size(len(body), limits)
+            payload = decode_body(body)
+        except InputError as exc:
+            return Response(exc.body(), status_code=exc.status, media_type=_JSON)
         if not isinstance(payload, dict):
             return _error(400, "The request body must be a JSON object.")
         model = payload.get("model", self._only_model)
@@ -203,40 +229,67 @@ class OpenAIIngress:
         deployment = self._deployment_of.get(model)
         if deployment is None:
             return _error(404, f"The model `{model}` does not exist.", param="model")
-        self._telemetry.routed(record, self._model_id[model], body)
+        try:
+            check_request(route.value, payload, limits, self._max_model_len.get(deployment))
+        except InputError as exc:
+            record.model = self._model_id[model]
+            return Response(exc.body(), status_code=exc.status, media_type=_JSON)
+        model_id = self._model_id[model]
+        if self._quotas.enabled:
+            admission = self._quotas.admit(record.identity, model_id)
+            if isinstance(admission, Rejection):
+                record.error = "quota"
+                return _error(429, admission.message, headers={"Retry-After": str(admission.retry_after_s)})
+            record.admission = admission
+            if admission.priority is not None and deployment in self._priority_scheduling:
+                payload["priority"] = admission.priority  # the key's, not the client's
+                body = json.dumps(payload).encode()
+        self._telemetry.routed(record, model_id, body)
         record.stream = payload.get("stream") is True
 
-        stream = self._streams[deployment].remote(route, body, request_id)
-        try:
-            # The request waits here (not failed) while the model has no free replica, e.g.
-            # while it scales up from zero; the wait is bounded per model.
-            await asyncio.wait_for(stream.__anext__(), timeout=self._wait_timeout_s[deployment])
-            record.accepted = time.perf_counter()
-            head = await stream.__anext__()
-        except asyncio.TimeoutError:
-            stream.cancel()
-            logger.warning("request %s: no replica of %s took it in time", request_id, model)
-            return _error(
-                503,
-                f"The model `{model}` has no replica ready to serve the request; retry later.",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        except BackPressureError:
-            # The model's router queue is full (deployment.max_queued_requests): shed load.
-            record.error = "backpressure"
-            return _error(
-                503,
-                f"The model `{model}` is at capacity; retry later.",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        except asyncio.CancelledError:
-            stream.cancel()  # the client went away: free the engine
-            raise
-        except Exception as exc:
-            stream.cancel()
-            logger.warning("request %s: model %s failed before responding: %r", request_id, model, exc)
-            record.error = repr(exc)
-            return _error(503, f"The model `{model}` could not serve the request; retry later.")
+        deadline = time.monotonic() + self._wait_timeout_s[deployment]
+        for attempt in (1, 2):
+            stream = self._streams[deployment].remote(route, body, request_id)
+            try:
+                # The request waits here (not failed) while the model has no free replica, e.g.
+                # while it scales up from zero; the wait is bounded per model.
+                await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
+                record.accepted = time.perf_counter()
+                head = await stream.__anext__()
+                break
+            except asyncio.TimeoutError:
+                stream.cancel()
+                logger.warning("request %s: no replica of %s took it in time", request_id, model)
+                return _error(
+                    503,
+                    f"The model `{model}` has no replica ready to serve the request; retry later.",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            except BackPressureError:
+                # The model's router queue is full (deployment.max_queued_requests): shed load.
+                record.error = "backpressure"
+                return _error(
+                    503,
+                    f"The model `{model}` is at capacity; retry later.",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            except asyncio.CancelledError:
+                stream.cancel()  # the client went away: free the engine
+                raise
+            except Exception as exc:
+                # The replica or its engine failed before the first byte: nothing reached
+                # the client, so the request is tried once more (on another replica).
+                stream.cancel()
+                record.error = repr(exc)
+                if attempt == 1:
+                    logger.warning(
+                        "request %s: model %s failed before responding (%r); retrying", request_id, model, exc
+                    )
+                    continue
+                logger.warning(
+                    "request %s: model %s failed again before responding: %r", request_id, model, exc
+                )
+                return _error(503, f"The model `{model}` could not serve the request; retry later.")
         assert isinstance(head, Head)
         if not head.stream:
             record.usage = head.usage
@@ -244,7 +297,7 @@ class OpenAIIngress:
                 record.response_text.append(head.body)
             return Response(head.body, status_code=head.status, media_type=_JSON)
         record.status = 200
-        return _RelayedStream(stream, record, self._telemetry)
+        return _RelayedStream(stream, record, self._finish)
 
 
 class _RelayedStream(StreamingResponse):
@@ -255,12 +308,15 @@ class _RelayedStream(StreamingResponse):
     """
 
     def __init__(
-        self, stream: DeploymentResponseGenerator, record: RequestRecord, telemetry: Telemetry
+        self,
+        stream: DeploymentResponseGenerator,
+        record: RequestRecord,
+        on_finish: Callable[[RequestRecord], None],
     ) -> None:
         super().__init__(_relay(stream, record), media_type="text/event-stream")
         self._stream = stream
         self._record = record
-        self._telemetry = telemetry
+        self._on_finish = on_finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -269,7 +325,7 @@ class _RelayedStream(StreamingResponse):
             if not self._record.done:
                 self._record.cancelled = True
                 self._stream.cancel()
-            self._telemetry.finish(self._record)
+            self._on_finish(self._record)
 
 
 async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 
 import psutil
 
@@ -35,3 +39,49 @@ def kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     return len(alive)
+
+
+def start_reaper() -> subprocess.Popen[bytes]:
+    """Start a sidecar that kills this process's descendants if this process dies first.
+
+    vLLM runs its engine core in child processes. A replica that stops normally stops them;
+    one that is killed (`ray.kill`, the OOM killer) would leave them running and holding
+    their accelerator memory. The sidecar runs in its own session, so it outlives us.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "serve_app.processes", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def reap_after(parent_pid: int, period_s: float = 1.0) -> int:
+    """While `parent_pid` lives, note its descendants; once it is gone, kill those still
+    running (matched by pid and start time, never a reused pid). Returns how many."""
+    me = os.getpid()
+    known: dict[int, float] = {}
+    try:
+        parent = psutil.Process(parent_pid)
+        while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+            with contextlib.suppress(psutil.Error):
+                for child in parent.children(recursive=True):
+                    if child.pid != me:
+                        known.setdefault(child.pid, child.create_time())
+            time.sleep(period_s)
+    except psutil.NoSuchProcess:
+        pass
+    leftovers = []
+    for pid, started in known.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == started:
+                leftovers.append(proc)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(leftovers)
+
+
+if __name__ == "__main__":
+    reap_after(int(sys.argv[1]))

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from serve_app.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
+from serve_app.processes import start_reaper
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,6 +55,8 @@ class ModelServer:
 
     async def __init__(self, config: ModelConfig, engine_cls: type[Engine] | None = None) -> None:  # type: ignore[misc]
         self._config = config
+        # Engine processes must not outlive this replica, even if it is killed.
+        self._reaper = start_reaper()
         self._engine = (engine_cls or engine_class(config))(config)
         logger.info("model %s: starting engine", config.id)
         with _keep_log_handlers():
@@ -81,8 +85,30 @@ class ModelServer:
         """Stream one request's response: `None` as soon as this replica has taken the request
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams."""
         yield None
-        async for item in self._engine.handle(route, body, request_id):
-            yield item
+        try:
+            async for item in self._engine.handle(route, body, request_id):
+                if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
+                    self._die()  # nothing reached the client: the ingress retries elsewhere
+                yield item
+        except Exception:
+            if self._engine.dead():
+                self._die()
+            raise
+
+    def _die(self) -> None:
+        """The engine is gone for good: end this replica's process at once.
+
+        Every request on it then fails with the actor's death, which makes Serve's routers
+        drop the replica before the ingress retries those requests, and Serve starts a new
+        replica (its health check would notice only at the next period). The reaper kills
+        whatever engine process is left.
+        """
+        logger.error(
+            "model %s: the engine died; ending this replica so that Serve replaces it", self._config.id
+        )
+        for handler in logging.getLogger("ray.serve").handlers:
+            handler.flush()
+        os._exit(1)
 
     async def model_info(self) -> ModelInfo:
         return self._engine.info()
@@ -99,6 +125,8 @@ class ModelServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._engine.shutdown()
+        if (reaper := getattr(self, "_reaper", None)) is not None:
+            reaper.terminate()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What the engine reports to the autoscaling policy (serve_app.autoscaling)."""

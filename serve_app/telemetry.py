@@ -85,6 +85,8 @@ class RequestRecord:
     request_id: str
     route: str
     model: str = UNKNOWN_MODEL
+    identity: str = ""  # who sent it (an API key's hash, or anonymous); never logged
+    admission: Any = None  # its quota admission, released when it ends
     stream: bool = False
     status: int = 0
     start: float = field(default_factory=time.perf_counter)

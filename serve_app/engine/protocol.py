@@ -87,6 +87,10 @@ class Engine(ABC):
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
 
+    def dead(self) -> bool:
+        """Whether the engine has died for good (the replica should then be replaced)."""
+        return False
+
     @abstractmethod
     def info(self) -> ModelInfo:
         """Facts about the loaded model."""

@@ -12,6 +12,7 @@ locations, and calls `init_app_state` with the parameters the installed release 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -22,6 +23,8 @@ import inspect
 import json
 import logging
 import sys
+import time
+import uuid
 from argparse import Namespace
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -38,6 +41,9 @@ from serve_app.errors import error_body
 from serve_app.media import MediaError, check_images
 
 logger = logging.getLogger(__name__)
+
+STALL_S = 60.0  # a busy engine that makes no step for this long is stuck
+PROBE_TIMEOUT_S = 20.0  # an idle engine must generate one token within this
 
 # Where each piece lives, newest release first (0.32: launchers/ and serve/; 0.24: openai/).
 _CLI_ARGS_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
@@ -202,6 +208,7 @@ class _SchedulerSnapshot:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
+        self.last_step = time.monotonic()  # when the engine last reported a step
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerSnapshot:
         return self
@@ -213,6 +220,7 @@ class _SchedulerSnapshot:
         mm_cache_stats: Any = None,
         engine_idx: int = 0,
     ) -> None:
+        self.last_step = time.monotonic()
         if scheduler_stats is not None:
             self.running = int(scheduler_stats.num_running_reqs)
             self.waiting = int(scheduler_stats.num_waiting_reqs) + int(
@@ -343,6 +351,7 @@ class VLLMEngine(Engine):
         # route -> (serving object, body validator, the serving method that answers it)
         self._routes: dict[Route, tuple[Any, Callable[[Any], Any], Any]] = {}
         self._scheduler = _SchedulerSnapshot()
+        self._busy_since: float | None = None
         self._info: ModelInfo | None = None
         self._accepts_images = False
         self._namespace = Namespace()
@@ -437,9 +446,38 @@ class VLLMEngine(Engine):
         )
 
     async def check_health(self) -> None:
+        """Fail if the engine died, is stuck, or cannot generate a token.
+
+        A dead engine core fails vLLM's own check. A busy engine must have made a step
+        within STALL_S; an idle one must generate one token within PROBE_TIMEOUT_S.
+        """
         if self._client is None:
             raise RuntimeError("the engine has not been started")
-        await self._client.check_health()
+        await self._client.check_health()  # raises once the engine core process is gone
+        now = time.monotonic()
+        if self._client.output_processor.get_num_unfinished_requests():
+            self._busy_since = self._busy_since or now
+            stalled = now - max(self._scheduler.last_step, self._busy_since)
+            if stalled > STALL_S:
+                raise RuntimeError(f"the engine has requests but made no step for {stalled:.0f} s")
+            return
+        self._busy_since = None
+        try:
+            await asyncio.wait_for(self._probe(), timeout=PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"the engine generated no token in {PROBE_TIMEOUT_S:.0f} s") from None
+
+    async def _probe(self) -> None:
+        """Generate one token from a one-token prompt: the engine really works."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        request_id = f"health-probe-{uuid.uuid4().hex}"
+        async for _ in self._client.generate({"prompt_token_ids": [1]}, params, request_id):
+            pass
+
+    def dead(self) -> bool:
+        return bool(self._client is not None and self._client.errored)
 
     async def shutdown(self) -> None:
         await self._stack.aclose()

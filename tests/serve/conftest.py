@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
+from serve_app.engine.protocol import EngineStats
 from serve_app.processes import descendants, kill_leftovers
 from tests.conftest import ROOT
 
@@ -42,12 +43,17 @@ class RunningApp:
 
     def engine_stats(self, model_id: str) -> int:
         """Requests the model's engine holds right now (its only replica)."""
+        return self.engine_load(model_id).in_flight
+
+    def engine_load(self, model_id: str) -> EngineStats:
+        """The load of the model's engine right now (its only replica)."""
         from ray import serve
 
         model = self.config.find(model_id)
         assert model is not None
         handle = serve.get_deployment_handle(model.deployment_name, APP_NAME)
-        return int(handle.engine_stats.remote().result().in_flight)
+        stats: EngineStats = handle.engine_stats.remote().result()
+        return stats
 
 
 @pytest.fixture(scope="package")

@@ -1,0 +1,88 @@
+"""Clients that leave free their engine requests within a second, streaming or not."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.serve.conftest import RunningApp
+
+MODEL = "tiny-mistral-v3"
+STREAMS = 24
+
+
+def _long(stream: bool) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def _drained_within(app: RunningApp, timeout_s: float) -> float:
+    """Seconds until the engine holds no request (running, waiting or in flight)."""
+    start = time.monotonic()
+    while True:
+        load = app.engine_load(MODEL)
+        elapsed = time.monotonic() - start
+        if load.in_flight == 0 and load.running == 0 and load.waiting == 0:
+            return elapsed
+        assert elapsed < timeout_s, f"the engine still holds {load} after {elapsed:.2f} s"
+        time.sleep(0.02)
+
+
+def test_many_streams_left_at_once_free_the_engine_within_a_second(local_app: RunningApp) -> None:
+    assert local_app.engine_stats(MODEL) == 0
+    opened = threading.Barrier(STREAMS + 1)
+    leave = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{local_app.url}/v1/chat/completions", json=_long(True), timeout=120
+        ) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # keep it: a dropped iterator closes the connection
+            next(lines)  # generating
+            opened.wait()
+            leave.wait()
+        # leaving the block closes the connection mid-stream
+
+    with ThreadPoolExecutor(STREAMS) as pool:
+        futures = [pool.submit(stream) for _ in range(STREAMS)]
+        try:
+            opened.wait(timeout=120)
+            held = local_app.engine_load(MODEL)
+            assert held.in_flight == STREAMS, held
+        finally:
+            leave.set()
+        for f in futures:
+            f.result()
+    took = _drained_within(local_app, 1.0)
+    print(f"\n{STREAMS} streams left at once: engine empty {took * 1000:.0f} ms after the last close")
+
+
+def test_non_streaming_clients_that_leave_free_the_engine(local_app: RunningApp) -> None:
+    assert local_app.engine_stats(MODEL) == 0
+    with ThreadPoolExecutor(8) as pool:
+        # A client that stops waiting after 2 s: httpx closes the connection on the timeout.
+        def ask(_: int) -> None:
+            try:
+                httpx.post(f"{local_app.url}/v1/chat/completions", json=_long(False), timeout=2.0)
+            except httpx.TimeoutException:
+                return
+            raise AssertionError("the request finished before the client left")
+
+        futures = [pool.submit(ask, i) for i in range(8)]
+        deadline = time.monotonic() + 30
+        while local_app.engine_stats(MODEL) < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for f in futures:
+            f.result()
+    took = _drained_within(local_app, 1.0)
+    print(f"\n8 non-streaming clients left: engine empty {took * 1000:.0f} ms after the last timeout")

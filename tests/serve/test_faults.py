@@ -1,0 +1,186 @@
+"""Fault injection under load: a replica whose engine process dies, and a replica actor that
+is killed. Each time the failed replica is replaced, only requests that were on it fail (a
+stream that breaks ends with an SSE error event and [DONE]), and requests that had not
+started are answered by the other replica. No engine process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from serve_app.loadstep import ray_auth_headers
+from tests.conftest import ROOT
+from tests.serve.conftest import RunningApp
+
+APP, PREFIX, MODEL = "faulty", "/faulty", "faulty-v3"
+STREAMS = 6
+
+
+@pytest.fixture(scope="module")
+def faulty_url(local_app: RunningApp) -> Iterator[str]:
+    """Two replicas of the demo vLLM model, health-checked every 2 s."""
+    from ray import serve
+
+    from serve_app.builder import build_openai_app
+    from serve_app.config import load_app_config
+
+    model = {
+        "id": MODEL,
+        "source": str(ROOT / "models/tiny-mistral-v3"),
+        "engine_args": {
+            "max_model_len": 2048,
+            "max_num_seqs": 16,
+            "kv_cache_memory_bytes": 64 * 2**20,
+            "enforce_eager": True,
+        },
+        "num_gpus": 0,
+        "num_cpus": 0,
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+        "deployment": {
+            "num_replicas": 2,
+            "health_check_period_s": 2,
+            "health_check_timeout_s": 30,
+            "graceful_shutdown_timeout_s": 5,
+        },
+    }
+    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}})
+    serve.run(build_openai_app(config), name=APP, route_prefix=PREFIX)
+    try:
+        yield local_app.url + PREFIX
+    finally:
+        serve.delete(APP)
+
+
+def _replicas(app: RunningApp) -> list[dict[str, Any]]:
+    data = httpx.get(
+        f"{app.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+    ).json()
+    return list(data["applications"][APP]["deployments"][MODEL]["replicas"])
+
+
+def _running(app: RunningApp) -> list[dict[str, Any]]:
+    return [r for r in _replicas(app) if r["state"] == "RUNNING"]
+
+
+@dataclass
+class Outcomes:
+    streams_ok: int = 0
+    streams_broken: int = 0  # ended with an SSE error event and [DONE]
+    streams_other: list[str] = field(default_factory=list)  # anything else: a hang, no [DONE], ...
+    requests: list[int] = field(default_factory=list)  # status of requests sent after the fault
+
+
+def _stream(url: str, out: Outcomes, lock: threading.Lock) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+    except httpx.HTTPError as exc:
+        with lock:
+            out.streams_other.append(repr(exc))
+        return
+    with lock:
+        if resp.status_code != 200 or lines[-1:] != ["data: [DONE]"]:
+            out.streams_other.append(f"{resp.status_code}: {lines[-2:]}")
+        elif any('"error"' in line for line in lines):
+            out.streams_broken += 1
+        else:
+            out.streams_ok += 1
+
+
+def _inject_under_load(app: RunningApp, url: str, fault: Any) -> Outcomes:
+    """Start STREAMS streams, inject the fault mid-stream, then send 12 requests."""
+    out, lock = Outcomes(), threading.Lock()
+    with ThreadPoolExecutor(STREAMS + 4) as pool:
+        streams = [pool.submit(_stream, url, out, lock) for _ in range(STREAMS)]
+        time.sleep(2.0)  # the streams are generating
+        fault()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        asks = [
+            pool.submit(lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code)
+            for _ in range(12)
+        ]
+        out.requests = [f.result() for f in asks]
+        for f in streams:
+            f.result(timeout=180)
+    return out
+
+
+def _wait_replaced(app: RunningApp, old_id: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = _running(app)
+        ids = {r["replica_id"] for r in running}
+        if len(running) == 2 and old_id not in ids:
+            return
+        assert time.monotonic() < deadline, (
+            f"not replaced: {[(r['replica_id'], r['state']) for r in _replicas(app)]}"
+        )
+        time.sleep(2)
+
+
+def _gone(pids: list[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _check(out: Outcomes) -> None:
+    assert not out.streams_other, (
+        f"streams that neither finished nor ended with an error event: {out.streams_other}"
+    )
+    assert out.streams_ok + out.streams_broken == STREAMS
+    assert out.requests == [200] * len(out.requests), f"requests sent after the fault failed: {out.requests}"
+
+
+def test_engine_process_killed(local_app: RunningApp, faulty_url: str) -> None:
+    victim = _running(local_app)[0]
+    engines = psutil.Process(victim["pid"]).children(recursive=True)
+    engine_pids = [
+        p.pid for p in engines if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+    ]
+    assert engine_pids, [(p.pid, p.name(), p.cmdline()[:2]) for p in engines]
+
+    out = _inject_under_load(local_app, faulty_url, lambda: [os.kill(p, signal.SIGKILL) for p in engine_pids])
+    print(
+        f"\nengine killed: {out.streams_ok} streams finished, {out.streams_broken} broken; requests {out.requests}"
+    )
+    _check(out)
+    _wait_replaced(local_app, victim["replica_id"])
+    assert _gone([victim["pid"]], 30), "the replica whose engine died is still running"
+
+
+def test_replica_actor_killed(local_app: RunningApp, faulty_url: str) -> None:
+    import ray
+
+    victim = _running(local_app)[0]
+    children = [p.pid for p in psutil.Process(victim["pid"]).children(recursive=True)]
+    actor = ray.get_actor(victim["actor_name"], namespace="serve")
+
+    out = _inject_under_load(local_app, faulty_url, lambda: ray.kill(actor, no_restart=True))
+    print(
+        f"\nactor killed: {out.streams_ok} streams finished, {out.streams_broken} broken; requests {out.requests}"
+    )
+    _check(out)
+    _wait_replaced(local_app, victim["replica_id"])
+    assert _gone(children, 15), "the killed replica left engine processes behind"

@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
-.PHONY: install models run check test lint unit clean tools docs-pictures
+.PHONY: install models run check test lint unit clean tools docs-pictures bench
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -47,6 +47,9 @@ $(DEMO_MODELS) &: $(STAMP) serve_app/demo_models.py
 
 run: install models
 	$(PY) -m serve_app run $(CONFIG) $(RUN_ARGS)
+
+bench: install models
+	$(PY) -m serve_app.bench $(BENCH_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)

@@ -62,7 +62,7 @@ def build_openai_app(
     for model in config.models:
         options = ModelServer.get_deployment_options(model)
         handles[model.deployment_name] = (
-            serve.deployment(ModelServer).options(**options).bind(model, engine_cls)
+            serve.deployment(ModelServer).options(**options).bind(model, engine_cls, config.limits)
         )
         max_len = model.engine_args.get("max_model_len")
         cards.append(

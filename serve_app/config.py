@@ -384,11 +384,11 @@ class RequestLimits(StrictModel):
         "server itself refuses a request head over 16 KiB).",
     )
     max_n: int = Field(8, ge=1, description="Most choices one request may ask for (`n`, `best_of`).")
-    max_top_logprobs: int = Field(
-        20,
+    max_top_logprobs: int | None = Field(
+        None,
         ge=0,
-        description="Most log-probabilities per token (chat `top_logprobs`, completions `logprobs`); "
-        "0 allows only the sampled token's.",
+        description="Most log-probabilities per token (chat `top_logprobs`, completions `logprobs`). "
+        "Unset: vLLM's `max_logprobs` engine argument (20 by default) bounds it, with vLLM's error.",
     )
     max_messages: int = Field(512, ge=1, description="Most messages in a chat request.")
     max_message_chars: int = Field(

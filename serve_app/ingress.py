@@ -31,7 +31,7 @@ from serve_app.auth import KeyChecker, check_exposure
 from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, RequestLimits
 from serve_app.engine.protocol import Head, Route, Usage
 from serve_app.errors import error_body
-from serve_app.limits import InputError, check_body_size, check_headers, check_request, decode_body
+from serve_app.limits import InputError, check_body_size, check_headers, decode_body
 from serve_app.quotas import Quotas, Rejection
 from serve_app.telemetry import RequestRecord, Telemetry
 
@@ -229,11 +229,6 @@ class OpenAIIngress:
         deployment = self._deployment_of.get(model)
         if deployment is None:
             return _error(404, f"The model `{model}` does not exist.", param="model")
-        try:
-            check_request(route.value, payload, limits, self._max_model_len.get(deployment))
-        except InputError as exc:
-            record.model = self._model_id[model]
-            return Response(exc.body(), status_code=exc.status, media_type=_JSON)
         model_id = self._model_id[model]
         if self._quotas.enabled:
             admission = self._quotas.admit(record.identity, model_id)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from serve_app.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
-from serve_app.config import ModelConfig
+from serve_app.config import ModelConfig, RequestLimits
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.processes import start_reaper
 
@@ -53,11 +53,15 @@ def _keep_log_handlers() -> Iterator[None]:
 class ModelServer:
     """One replica of one model: starts its engine and serves the OpenAI routes it handles."""
 
-    async def __init__(self, config: ModelConfig, engine_cls: type[Engine] | None = None) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, config: ModelConfig, engine_cls: type[Engine] | None = None, limits: RequestLimits | None = None
+    ) -> None:
         self._config = config
         # Engine processes must not outlive this replica, even if it is killed.
         self._reaper = start_reaper()
         self._engine = (engine_cls or engine_class(config))(config)
+        if limits is not None:
+            self._engine.limits = limits
         logger.info("model %s: starting engine", config.id)
         with _keep_log_handlers():
             await self._engine.start()

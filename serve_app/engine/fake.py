@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
+from serve_app.limits import InputError, check_request
 
 
 class FakeEngineArgs(BaseModel):
@@ -135,8 +136,12 @@ class FakeEngine(Engine):
             return
         try:
             req, prompt_tokens, max_tokens = self._parse(route, body)
+            check_request(route.value, req, self.limits, self.args.max_model_len)
         except _BadRequest as exc:
             yield Head(400, error_body(400, str(exc), param=exc.param))
+            return
+        except InputError as exc:
+            yield Head(exc.status, exc.body())
             return
         self._in_flight += 1
         try:

@@ -73,7 +73,11 @@ class Engine(ABC):
     """One inference engine serving one model inside one replica."""
 
     def __init__(self, config: ModelConfig) -> None:
+        from serve_app.config import RequestLimits
+
         self.config = config
+        # Bounds a request must keep to (serve_app.limits), checked before any engine work.
+        self.limits = RequestLimits()
 
     @abstractmethod
     async def start(self) -> None:

@@ -38,6 +38,7 @@ from starlette.datastructures import State
 from serve_app.config import ConfigError, ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
+from serve_app.limits import InputError, check_request
 from serve_app.media import MediaError, check_images
 
 logger = logging.getLogger(__name__)
@@ -396,10 +397,18 @@ class VLLMEngine(Engine):
                     allowed_hosts=self.config.media.allowed_remote_hosts,
                 )
             payload = json.loads(body)
-            hide_usage = route in (Route.CHAT, Route.COMPLETION) and _count_usage(payload)
+            # Bounds are checked on what vLLM's request model accepts, so a request vLLM
+            # refuses gets vLLM's own error, as from `vllm serve`.
+            generates = route in (Route.CHAT, Route.COMPLETION)
+            hide_usage = generates and _count_usage(payload)
             request = parse(payload)
+            if generates:
+                check_request(route.value, payload, self.limits, self.info().max_model_len)
         except ValidationError as exc:
             yield await _validation_error(exc, self._namespace)
+            return
+        except InputError as exc:
+            yield Head(exc.status, exc.body())
             return
         except MediaError as exc:
             yield Head(400, error_body(400, str(exc), param="messages"))

@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.config import ModelConfig, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
-from serve_app.engine.protocol import Engine, Head, Route
+from serve_app.engine.protocol import Engine, Head, Route, Usage
 from tests.conftest import ROOT
 
 T = TypeVar("T")
@@ -33,8 +33,8 @@ class Harness:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
 
-    def collect(self, route: Route, body: dict[str, Any]) -> list[Head | bytes]:
-        async def go() -> list[Head | bytes]:
+    def collect(self, route: Route, body: dict[str, Any]) -> list[Head | bytes | Usage]:
+        async def go() -> list[Head | bytes | Usage]:
             return [item async for item in self.engine.handle(route, json.dumps(body).encode(), "rid-1")]
 
         return self.run(go())
@@ -67,7 +67,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         h.loop.close()
 
 
-def _sse_payloads(items: list[Head | bytes]) -> list[str]:
+def _sse_payloads(items: list[Head | bytes | Usage]) -> list[str]:
     data = b"".join(i for i in items if isinstance(i, bytes)).decode()
     assert data.endswith("\n\n")
     events = data[:-2].split("\n\n")
@@ -117,7 +117,10 @@ def test_chat_streaming_with_usage(harness: Harness) -> None:
     )
     head = items[0]
     assert isinstance(head, Head) and head.status == 200 and head.stream
-    assert all(isinstance(i, bytes) for i in items[1:])
+    *body, usage = items[1:]
+    assert all(isinstance(i, bytes) for i in body)
+    # The engine's token count comes last, for metrics; it is not part of the stream.
+    assert isinstance(usage, Usage) and usage.completion_tokens == 4 and usage.prompt_tokens > 0
     payloads = _sse_payloads(items)
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]

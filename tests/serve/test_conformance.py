@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from serve_app.config import ModelConfig
+from serve_app.vllm_cli import vllm_serve_args
 from tests.conftest import ROOT
 from tests.serve.conftest import RunningApp, free_port
 
@@ -197,19 +196,6 @@ CORPUS: list[tuple[str, str, Any]] = [
 for _, _, _body in CORPUS:
     for key in [k for k, v in _body.items() if v is None]:
         del _body[key]
-
-
-def vllm_serve_args(model: ModelConfig, port: int) -> list[str]:
-    """The `vllm serve` command line for the same model and engine arguments as our app."""
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.source]
-    args += ["--served-model-name", *model.names, "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in {**model.engine_args, **model.server_args}.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not False:
-            args += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
-    return args
 
 
 @pytest.fixture(scope="module")

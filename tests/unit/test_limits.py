@@ -19,7 +19,7 @@ from serve_app.limits import (
     decode_body,
 )
 
-LIMITS = RequestLimits()
+LIMITS = RequestLimits(max_top_logprobs=20)
 MAX_MODEL_LEN = 32_768
 PNG = "data:image/png;base64,iVBORw0KGgo="
 WEATHER_TOOL = {

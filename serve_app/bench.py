@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
     from serve_app.config import AppConfig, ModelConfig
 
-TARGETS = ("vllm", "ours")
+TARGETS = ("vllm", "vllm-cached", "ours")
+DEFAULT_TARGETS = ("vllm", "ours")
 APP = "bench"
 # Ten tokens with both demo tokenizers (v3 SentencePiece and Tekken); the chat template adds ~4.
 PROMPT_UNIT = "one two three four five six seven eight nine ten "
@@ -270,9 +271,9 @@ def summarize(results: Sequence[RequestResult], wall_s: float, concurrency: int)
     }
 
 
-def compare(levels: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per concurrency run by both targets: ours/vllm output tok/s, ours - vllm TTFT p50 (ms)."""
-    base = {lv["concurrency"]: lv for lv in levels.get("vllm", [])}
+def compare(levels: dict[str, list[dict[str, Any]]], baseline: str = "vllm") -> list[dict[str, Any]]:
+    """Per concurrency run by both targets: ours/baseline output tok/s, ours - baseline TTFT p50 (ms)."""
+    base = {lv["concurrency"]: lv for lv in levels.get(baseline, [])}
     ours = {lv["concurrency"]: lv for lv in levels.get("ours", [])}
     rows = []
     for c in sorted(set(base) & set(ours)):
@@ -330,9 +331,11 @@ def format_table(levels: dict[str, list[dict[str, Any]]]) -> str:
             )
     lines = [_row(rows, r) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    comparison = compare(levels)
-    if comparison:
-        crows = [("conc", "tok/s ours/vllm", "TTFT p50 ours-vllm (ms)")]
+    for baseline in ("vllm", "vllm-cached"):
+        comparison = compare(levels, baseline)
+        if not comparison:
+            continue
+        crows = [("conc", f"tok/s ours/{baseline}", f"TTFT p50 ours-{baseline} (ms)")]
         for row in comparison:
             ratio, diff = row["output_tok_s_ratio"], row["ttft_p50_diff_ms"]
             crows.append(
@@ -462,7 +465,7 @@ class PlainVllm:
 
     def __init__(self, model: ModelConfig, port: int, log_path: Path, timeout_s: float) -> None:
         self.model, self.port, self.log_path, self.timeout_s = model, port, log_path, timeout_s
-        self.command = vllm_serve_args(model, port)
+        self.command = self.server_command(vllm_serve_args(model, port))
         self.proc: subprocess.Popen[bytes] | None = None
         self.owned: set[int] = set()
 
@@ -490,6 +493,10 @@ class PlainVllm:
             )
         return url
 
+    @staticmethod
+    def server_command(command: list[str]) -> list[str]:
+        return command
+
     def snapshot(self) -> None:
         self.owned |= descendants()
 
@@ -508,6 +515,17 @@ class PlainVllm:
         with contextlib.suppress(ProcessLookupError):  # whatever of its group outlived it
             os.killpg(self.proc.pid, signal.SIGKILL)
         kill_leftovers(self.owned)
+
+
+class CachedVllm(PlainVllm):
+    """`vllm serve` with our replicas' parser-table fix (serve_app.vllm_cached_server)."""
+
+    name = "vllm-cached"
+
+    @staticmethod
+    def server_command(command: list[str]) -> list[str]:
+        module = command.index("vllm.entrypoints.openai.api_server")
+        return [*command[:module], "serve_app.vllm_cached_server", *command[module + 1 :]]
 
 
 class OurApp:
@@ -668,7 +686,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("config_file", nargs="?", type=Path, help="the same as --config")
     parser.add_argument("--config", type=Path, help="a Serve config file (default: configs/local.yaml)")
     parser.add_argument("--model", help="a model id or alias of the config (default: its first model)")
-    parser.add_argument("--targets", type=_targets, default=list(TARGETS), help="default: vllm,ours")
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        default=list(DEFAULT_TARGETS),
+        help="default: vllm,ours; vllm-cached is vllm serve with the parser-table fix of our replicas",
+    )
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64], help="default: 1,16,64")
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--requests", type=int, help="requests per level (default: max(32, 4 x concurrency))")
@@ -797,11 +820,15 @@ def run_bench(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in args.targets:
         port = free_port()
-        target: Target = (
-            PlainVllm(model, port, vllm_log, args.start_timeout_s)
-            if name == "vllm"
-            else OurApp(only, port, args.start_timeout_s)
-        )
+        target: Target
+        if name == "vllm":
+            target = PlainVllm(model, port, vllm_log, args.start_timeout_s)
+        elif name == "vllm-cached":
+            target = CachedVllm(
+                model, port, vllm_log.with_name(vllm_log.stem + "-cached.log"), args.start_timeout_s
+            )
+        else:
+            target = OurApp(only, port, args.start_timeout_s)
         results[name] = _measure(target, model.id, prompt, args)
 
     levels = {name: r["levels"] for name, r in results.items()}
@@ -847,7 +874,12 @@ def run_bench(args: argparse.Namespace) -> int:
         ],
     }
     comparison = compare(levels)
-    report = {"conditions": conditions, "results": results, "comparison": comparison}
+    report = {
+        "conditions": conditions,
+        "results": results,
+        "comparison": comparison,
+        "comparison_vllm_cached": compare(levels, "vllm-cached"),
+    }
     json_path = out_dir / f"bench-{stamp}.json"
     png_path = json_path.with_suffix(".png")
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -322,18 +322,53 @@ class _RelayedStream(StreamingResponse):
 
 
 async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:
-    """Pass SSE chunks through as they come; keep the engine's token counts for the record."""
+    """Pass SSE chunks on as they come, keeping the engine's token counts for the record.
+
+    A task reads the model's stream into a buffer. Whenever the client side is ready,
+    everything buffered goes out as one piece: under light load that is each chunk as it
+    arrives (the first is never held), and when this replica is busy the chunks that queued
+    meanwhile travel together, so the HTTP side sends fewer, larger messages.
+    """
+    buffer: list[bytes] = []
+    ready = asyncio.Event()
+    ended = False
+    failure: Exception | None = None
+
+    async def pump() -> None:
+        nonlocal ended, failure
+        try:
+            async for item in stream:
+                if isinstance(item, Usage):
+                    record.usage = item
+                else:
+                    buffer.append(item)
+                    ready.set()
+        except Exception as exc:  # the replica died mid-stream
+            failure = exc
+        finally:
+            ended = True
+            ready.set()
+
+    reader = asyncio.create_task(pump())
     try:
-        async for item in stream:
-            if isinstance(item, Usage):
-                record.usage = item
+        while True:
+            if not buffer:
+                if ended:
+                    break
+                await ready.wait()
+                ready.clear()
                 continue
-            record.chunk(item)
-            yield item
-    except Exception as exc:
-        # The replica died mid-stream: end the stream the way OpenAI clients understand.
-        logger.warning("request %s: stream broke: %r", record.request_id, exc)
-        record.status, record.error = 503, f"stream interrupted: {exc!r}"
+            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            buffer.clear()
+            record.chunk(data)
+            yield data
+    finally:
+        if not reader.done():
+            reader.cancel()
+    if failure is not None:
+        # End the stream the way OpenAI clients understand.
+        logger.warning("request %s: stream broke: %r", record.request_id, failure)
+        record.status, record.error = 503, f"stream interrupted: {failure!r}"
         yield b"data: " + error_body(503, "The stream was interrupted by a server error.") + b"\n\n"
         yield b"data: [DONE]\n\n"
     record.done = True

@@ -239,7 +239,7 @@ class _SchedulerSnapshot:
         pass
 
 
-def _reuse_parser_tables() -> None:
+def reuse_parser_tables() -> None:
     """Build vLLM's tool-parser special-token table once per tokenizer, not per request.
 
     vLLM 0.32's streaming parser engine rebuilds a lexer over every special token of the
@@ -402,7 +402,7 @@ class VLLMEngine(Engine):
         _check_source(self.config)
         ns = self._namespace = build_namespace(self.config)
         init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
-        _reuse_parser_tables()
+        reuse_parser_tables()
         # vLLM's own metrics go to Ray's metrics endpoint when the engine runs under Ray.
         loggers = [self._scheduler.factory]
         if (ray_logger := _ray_stat_logger()) is not None:

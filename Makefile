@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
-.PHONY: install models run check test lint unit clean tools docs-pictures bench
+.PHONY: install models run check test lint unit clean tools docs-pictures bench soak
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -81,6 +81,10 @@ docs-pictures: install models tools
 	$(PY) -m pip install -q -e ".[docs]"
 	command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium >/dev/null
 	MISTRAL_SERVE_DOCS=1 PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q tests/serve/test_prometheus.py
+
+# Minutes of mixed traffic at 64 clients against configs/local.yaml: errors and memory.
+soak: install models
+	$(PY) -m serve_app.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

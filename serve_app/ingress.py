@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -314,6 +315,10 @@ class _RelayedStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except TaskCancelledError:
+            # Serve reports a client that left as a cancelled task from `receive()`: that is
+            # the end of this response (recorded as cancelled below), not an error.
+            pass
         finally:
             if not self._record.done:
                 self._record.cancelled = True

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,20 @@ def memory_by_process() -> dict[str, float]:
             key = f"{name}#{n}"
         out[key] = round(rss, 1)
     return out
+
+
+def sse_events(chunks: Iterator[bytes]) -> Iterator[str]:
+    """The `data:` payloads of a Server-Sent Events stream. Events end with a blank line;
+    the text inside may hold any character (httpx's iter_lines would also split it at
+    U+2028 and friends, which generated text can contain)."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    yield line[6:].decode()
 
 
 class Load:
@@ -130,17 +145,19 @@ class Load:
                     self._count(kind, f"stream got {resp.status_code}")
                     return
                 tokens, done = 0, False
-                for i, line in enumerate(resp.iter_lines()):
+                for i, data in enumerate(sse_events(resp.iter_bytes())):
                     if kind == "leave" and i == 3:
                         self._count("left mid-stream")
                         return
-                    if line == "data: [DONE]":
+                    if data == "[DONE]":
                         done = True
-                    elif line.startswith("data: ") and '"usage"' in line:
-                        tokens = int(json.loads(line[6:]).get("usage", {}).get("completion_tokens") or 0)
-                    elif '"error"' in line:
+                        continue
+                    event = json.loads(data)  # parsed: generated text may say "error" too
+                    if "error" in event:
                         self._count(kind, "error event in a stream")
                         return
+                    if event.get("usage"):
+                        tokens = int(event["usage"].get("completion_tokens") or 0)
                 self._count("streamed", None if done else "stream ended without [DONE]", tokens)
             return
         resp = http.post(self.url + path, json=body)
@@ -213,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         owned |= descendants()
         started, before = time.monotonic(), sum(load.outcomes.values())
         end = started + args.minutes * 60
+        middle_memory: dict[str, float] | None = None
         while (now := time.monotonic()) < end:
             time.sleep(min(30.0, end - now))
+            if middle_memory is None and time.monotonic() >= started + args.minutes * 30:
+                middle_memory = memory_by_process()
             done = sum(load.outcomes.values()) - before
             print(
                 f"  {now - started:5.0f} s  {done} requests, {sum(load.errors.values())} errors", flush=True
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             requests_per_s=round((sum(load.outcomes.values()) - before) / elapsed, 1),
             completion_tokens=load.tokens,
             memory_mib_start=start_memory,
+            memory_mib_middle=middle_memory or {},
             memory_mib_end=end_memory,
         )
     finally:
@@ -257,14 +278,13 @@ def _report(result: dict[str, Any]) -> None:
     for outcome, n in sorted(result["requests"].items()):
         print(f"  {outcome:28s} {n}")
     print(f"  errors: {result['error_count']}" + (f" {result['errors']}" if result["errors"] else ""))
-    start, end = result["memory_mib_start"], result["memory_mib_end"]
-    print(f"\n  {'process':40s} {'start MiB':>10s} {'end MiB':>10s} {'change':>8s}")
+    start, middle, end = result["memory_mib_start"], result["memory_mib_middle"], result["memory_mib_end"]
+    print(f"\n  {'process':40s} {'start MiB':>10s} {'middle MiB':>11s} {'end MiB':>10s} {'change':>8s}")
     for name in sorted(set(start) | set(end), key=lambda n: -end.get(n, 0)):
-        a, b = start.get(name), end.get(name)
+        a, m, b = start.get(name), middle.get(name), end.get(name)
         change = f"{b - a:+.1f}" if a is not None and b is not None else "n/a"
-        print(
-            f"  {name:40s} {a if a is not None else '-':>10} {b if b is not None else '-':>10} {change:>8s}"
-        )
+        cells = [f"{v:>10}" if v is not None else f"{'-':>10}" for v in (a, m, b)]
+        print(f"  {name[:40]:40s} {cells[0]} {cells[1]:>11} {cells[2]} {change:>8s}")
 
 
 if __name__ == "__main__":

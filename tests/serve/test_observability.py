@@ -13,6 +13,7 @@ import pytest
 
 from serve_app.dashboard import DEFAULT_DASHBOARD, dashboard_metric_names, load_dashboard
 from serve_app.loadstep import ray_auth_headers
+from serve_app.soak import sse_events
 from tests.serve.conftest import APP_NAME, RunningApp
 from tests.support.prom import Scrape, scrape, wait_for
 
@@ -31,13 +32,9 @@ def _chat(max_tokens: int, **extra: Any) -> dict[str, Any]:
 
 
 def _stream(client: httpx.Client, url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    chunks = []
     with client.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp:
         assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
-    return chunks
+        return [json.loads(data) for data in sse_events(resp.iter_bytes()) if data != "[DONE]"]
 
 
 @pytest.fixture(scope="module")

@@ -336,11 +336,11 @@ async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> 
     """
     buffer: list[bytes] = []
     ready = asyncio.Event()
-    ended = False
+    ended = finished = False
     failure: Exception | None = None
 
     async def pump() -> None:
-        nonlocal ended, failure
+        nonlocal ended, finished, failure
         try:
             async for item in stream:
                 if isinstance(item, Usage):
@@ -348,6 +348,7 @@ async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> 
                 else:
                     buffer.append(item)
                     ready.set()
+                    finished = item.endswith(b"data: [DONE]\n\n")
         except Exception as exc:  # the replica died mid-stream
             failure = exc
         finally:
@@ -376,7 +377,9 @@ async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> 
         record.status, record.error = 503, f"stream interrupted: {failure!r}"
         yield b"data: " + error_body(503, "The stream was interrupted by a server error.") + b"\n\n"
         yield b"data: [DONE]\n\n"
-    record.done = True
+    # A stream cut short (Serve cancels the model's stream when the client leaves) ends
+    # without [DONE]: it stays not done, so it is recorded as cancelled.
+    record.done = failure is not None or finished
 
 
 def _request_id(request: Request) -> str:

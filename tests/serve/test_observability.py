@@ -37,11 +37,30 @@ def _stream(client: httpx.Client, url: str, body: dict[str, Any]) -> list[dict[s
         return [json.loads(data) for data in sse_events(resp.iter_bytes()) if data != "[DONE]"]
 
 
+def _settled(app: RunningApp) -> Scrape:
+    """A scrape once earlier tests' requests have all been exported (Ray exports every second)."""
+    import time
+
+    last = scrape(app.metrics_urls())
+    for _ in range(20):
+        time.sleep(2.5)
+        now = scrape(app.metrics_urls())
+        names = (
+            REQUESTS,
+            "ray_mistral_serve_completion_tokens_total",
+            "ray_mistral_serve_prompt_tokens_total",
+        )
+        if all(now.total(n, model=MODEL) == last.total(n, model=MODEL) for n in names):
+            return now
+        last = now
+    return last
+
+
 @pytest.fixture(scope="module")
 def traffic(local_app: RunningApp) -> dict[str, Any]:
     """Known traffic to MODEL: answered, streamed, failed and cancelled requests; the
     scrape before and after it."""
-    before = scrape(local_app.metrics_urls())
+    before = _settled(local_app)
     url = local_app.url
     prompt_tokens = 0
     with httpx.Client(timeout=120) as client:

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from serve_app.processes import descendants, kill_leftovers
+from serve_app.processes import descendants, kill_leftovers, stop_local_ray
 from serve_app.vllm_cli import vllm_serve_args
 
 if TYPE_CHECKING:
@@ -597,16 +597,7 @@ class OurApp:
         self.owned |= descendants()
 
     def stop(self) -> None:
-        import ray
-        from ray import serve
-
-        self.snapshot()
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            kill_leftovers(self.owned)
+        stop_local_ray(self.owned)
 
 
 @contextlib.contextmanager

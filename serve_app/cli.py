@@ -23,7 +23,7 @@ from typing import Any
 
 from serve_app.auth import check_exposure, hash_key
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
-from serve_app.processes import descendants, kill_leftovers
+from serve_app.processes import descendants, stop_local_ray
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 
@@ -136,15 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         print("\nStopping...", flush=True)
     finally:
-        owned |= descendants()
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            left = kill_leftovers(owned)
-            if left:
-                print(f"Stopped {left} process(es) that outlived Ray's shutdown.")
+        left = stop_local_ray(owned)
+        if left:
+            print(f"Stopped {left} process(es) that outlived Ray's shutdown.")
         print("Stopped.", flush=True)
     return 0
 

@@ -41,6 +41,22 @@ def kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
     return len(alive)
 
 
+def stop_local_ray(owned: set[int]) -> int:
+    """Shut Serve and this process's Ray down, then kill whatever of `owned` (and of our
+    descendants now) outlived them; return how many had to be killed."""
+    import ray
+    from ray import serve
+
+    owned = owned | descendants()
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+        left = kill_leftovers(owned)
+    return left
+
+
 def start_reaper() -> subprocess.Popen[bytes]:
     """Start a sidecar that kills this process's descendants if this process dies first.
 

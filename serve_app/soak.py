@@ -27,7 +27,7 @@ import httpx
 import psutil
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
-from serve_app.processes import descendants, kill_leftovers
+from serve_app.processes import descendants, stop_local_ray
 
 APP = "soak"
 
@@ -254,16 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             memory_mib_end=end_memory,
         )
     finally:
-        import ray
-        from ray import serve
-
-        if ray.is_initialized():
-            owned |= descendants()
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        kill_leftovers(owned)
+        stop_local_ray(owned)
     _report(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

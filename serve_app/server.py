@@ -17,8 +17,6 @@ from serve_app.processes import start_reaper
 
 logger = logging.getLogger("ray.serve")
 
-GAUGE_PERIOD_S = 1.0
-
 
 def engine_class(config: ModelConfig) -> type[Engine]:
     """The engine a model config asks for (imported here: building the app imports no vLLM)."""
@@ -72,7 +70,7 @@ class ModelServer:
         """Publish the engine's load as Ray gauges every `GAUGE_PERIOD_S`."""
         from ray import serve
 
-        from serve_app.telemetry import EngineGauges
+        from serve_app.telemetry import GAUGE_PERIOD_S, EngineGauges
 
         replica = serve.get_replica_context().replica_id.unique_id
         gauges = EngineGauges(self._config.id, replica)

@@ -9,6 +9,7 @@ Handles are created once, in the constructor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from serve_app.engine.protocol import Head, Route, Usage
 from serve_app.errors import error_body
 from serve_app.limits import InputError, check_body_size, check_headers, decode_body
 from serve_app.quotas import Quotas, Rejection
+from serve_app.streams import coalesce
 from serve_app.telemetry import RequestRecord, Telemetry
 
 logger = logging.getLogger("ray.serve")
@@ -329,48 +331,22 @@ class _RelayedStream(StreamingResponse):
 async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> AsyncIterator[bytes]:
     """Pass SSE chunks on as they come, keeping the engine's token counts for the record.
 
-    A task reads the model's stream into a buffer. Whenever the client side is ready,
-    everything buffered goes out as one piece: under light load that is each chunk as it
-    arrives (the first is never held), and when this replica is busy the chunks that queued
-    meanwhile travel together, so the HTTP side sends fewer, larger messages.
+    Chunks that queue while this replica is busy go on together (`coalesce`): the HTTP side
+    then sends fewer, larger messages, and the first chunk is never held back.
     """
-    buffer: list[bytes] = []
-    ready = asyncio.Event()
-    ended = finished = False
     failure: Exception | None = None
-
-    async def pump() -> None:
-        nonlocal ended, finished, failure
-        try:
-            async for item in stream:
+    finished = False
+    try:
+        async with contextlib.aclosing(coalesce(stream)) as items:
+            async for item in items:
                 if isinstance(item, Usage):
                     record.usage = item
-                else:
-                    buffer.append(item)
-                    ready.set()
-                    finished = item.endswith(b"data: [DONE]\n\n")
-        except Exception as exc:  # the replica died mid-stream
-            failure = exc
-        finally:
-            ended = True
-            ready.set()
-
-    reader = asyncio.create_task(pump())
-    try:
-        while True:
-            if not buffer:
-                if ended:
-                    break
-                await ready.wait()
-                ready.clear()
-                continue
-            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
-            buffer.clear()
-            record.chunk(data)
-            yield data
-    finally:
-        if not reader.done():
-            reader.cancel()
+                    continue
+                record.chunk(item)
+                finished = item.endswith(b"data: [DONE]\n\n")
+                yield item
+    except Exception as exc:  # the replica died mid-stream
+        failure = exc
     if failure is not None:
         # End the stream the way OpenAI clients understand.
         logger.warning("request %s: stream broke: %r", record.request_id, failure)

@@ -16,7 +16,7 @@ from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_confi
 from serve_app.engine.protocol import Engine
 from serve_app.ingress import ModelCard, make_ingress
 from serve_app.mistral_layout import infer_args
-from serve_app.server import ModelServer
+from serve_app.server import REPLICA_ENV, ModelServer
 
 INGRESS_NAME = "OpenAIIngress"
 
@@ -83,7 +83,7 @@ def build_openai_app(
             name=INGRESS_NAME,
             num_replicas=ingress.num_replicas,
             max_ongoing_requests=ingress.max_ongoing_requests,
-            ray_actor_options={"num_cpus": ingress.num_cpus},
+            ray_actor_options={"num_cpus": ingress.num_cpus, "runtime_env": {"env_vars": dict(REPLICA_ENV)}},
         )
         # Each ingress replica enforces its share of every quota.
         .bind(

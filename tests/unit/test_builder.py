@@ -50,14 +50,25 @@ def test_deployment_options_follow_the_config() -> None:
                     "num_gpus": 0,
                     "env": {"A": "1"},
                     "deployment": {"max_ongoing_requests": 10, "autoscaling": {"max_replicas": 3}},
-                }
+                },
+                {
+                    "id": "org/other",
+                    "source": "org/other",
+                    "num_gpus": 0,
+                    "env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
+                },
             ]
         }
     )
     options = ModelServer.get_deployment_options(config.models[0])
     assert options["name"] == "org--model"
     assert options["ray_actor_options"]["num_gpus"] == 0
-    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
+    # The model's env, plus user code on Serve's own event loop (serve_app.server.REPLICA_ENV).
+    assert options["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"A": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    }
+    other = ModelServer.get_deployment_options(config.models[1])["ray_actor_options"]["runtime_env"]
+    assert other == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}  # a model's own wins
     assert options["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in options
     assert options["max_ongoing_requests"] == 10

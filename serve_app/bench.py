@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
 from serve_app.processes import descendants, kill_leftovers, stop_local_ray
 from serve_app.vllm_cli import vllm_serve_args
 
@@ -271,6 +272,72 @@ def summarize(results: Sequence[RequestResult], wall_s: float, concurrency: int)
     }
 
 
+def cpu_seconds(pids: set[int]) -> dict[int, tuple[str, float]]:
+    """Each live process of `pids`: its label and the CPU seconds (user + system) it has used."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            times = proc.cpu_times()
+            out[pid] = (process_label(proc.cmdline()), times.user + times.system)
+    return out
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_label(cmdline: Sequence[str]) -> str:
+    """A short name for a process: Ray's title for its workers (`ServeReplica:app:Deployment`,
+    `ProxyActor`), vLLM's for its engine (`VLLM::EngineCore`), else the program (and module)."""
+    if not cmdline:
+        return "?"
+    title = cmdline[0].split(" ")[0]
+    if title.startswith("ray::"):
+        return title[len("ray::") :]
+    if "::" in title:
+        return title
+    program = Path(title).name
+    if "-m" in cmdline[:-1]:
+        return f"{program} -m {cmdline[cmdline.index('-m') + 1]}"
+    return program
+
+
+def busiest(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    wall_s: float,
+    output_tokens: int,
+    top: int = 6,
+) -> list[dict[str, Any]]:
+    """The processes that used the most CPU between two `cpu_seconds` readings.
+
+    `cores` is the share of one core a process kept busy; `cpu_ms_per_1k_tokens` predicts
+    where a faster engine will cap: a process that needs N ms of CPU per thousand tokens
+    cannot relay more than 1e6 / N tokens/s on one core, however fast the GPU is.
+    """
+    used = []
+    for pid, (label, seconds) in after.items():
+        spent = seconds - before.get(pid, (label, 0.0))[1]
+        if spent > 0:
+            used.append((spent, label))
+    used.sort(reverse=True)
+    return [
+        {
+            "process": label,
+            "cpu_s": round(spent, 2),
+            "cores": round(spent / wall_s, 2) if wall_s > 0 else None,
+            "cpu_ms_per_1k_tokens": round(1e6 * spent / output_tokens, 1) if output_tokens else None,
+        }
+        for spent, label in used[:top]
+    ]
+
+
 def compare(levels: dict[str, list[dict[str, Any]]], baseline: str = "vllm") -> list[dict[str, Any]]:
     """Per concurrency run by both targets: ours/baseline output tok/s, ours - baseline TTFT p50 (ms)."""
     base = {lv["concurrency"]: lv for lv in levels.get(baseline, [])}
@@ -347,6 +414,12 @@ def format_table(levels: dict[str, list[dict[str, Any]]]) -> str:
             )
         lines += ["", *(_row(crows, r) for r in crows)]
     return "\n".join(lines) + "\n(latencies in ms)"
+
+
+def _cpu_line(cpu: Sequence[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{p['process']} {p['cores']:.2f} cores ({_cell(p['cpu_ms_per_1k_tokens'])} ms/1k tok)" for p in cpu
+    )
 
 
 def _row(rows: Sequence[Sequence[str]], row: Sequence[str]) -> str:
@@ -533,8 +606,8 @@ class OurApp:
 
     name = "ours"
 
-    def __init__(self, config: AppConfig, port: int, timeout_s: float) -> None:
-        self.config, self.port, self.timeout_s = config, port, timeout_s
+    def __init__(self, config: AppConfig, port: int, timeout_s: float, front: str = DEFAULT_FRONT) -> None:
+        self.config, self.port, self.timeout_s, self.front = config, port, timeout_s, front
         self.owned: set[int] = set()
 
     def start(self) -> str:
@@ -545,6 +618,7 @@ class OurApp:
 
         deadline = time.monotonic() + self.timeout_s
         app = build_openai_app(self.config)
+        apply_front(self.front)
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
@@ -692,6 +766,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--api-key", help="sent as a Bearer token (for a config with API keys)")
+    parser.add_argument(
+        "--front",
+        choices=sorted(FRONTS),
+        default=DEFAULT_FRONT,
+        help=f"how HTTP reaches ours' ingress (serve_app/front.py; default: {DEFAULT_FRONT})",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
     args = parser.parse_args(argv)
     if args.config_file and args.config and args.config_file != args.config:
@@ -756,8 +836,14 @@ def _measure(target: Target, model_id: str, prompt: str, args: argparse.Namespac
         levels = []
         for c in args.concurrency:
             target.snapshot()
+            before = cpu_seconds(descendants())
+            # The load generator is a child that ends with the level: it is counted when waited for.
+            load_before = _children_cpu_s()
             results, wall = run_load(spec(c, _level_requests(args, c), args.duration_s))
+            after = cpu_seconds(descendants())
+            after[-1] = ("load generator", _children_cpu_s() - load_before)  # -1: no live process
             summary = summarize(results, wall, c)
+            summary["cpu"] = busiest(before, after, wall, summary["output_tokens"])
             levels.append(summary)
             print(
                 f"[{target.name}] C={c}: {summary['requests']} requests in {wall:.1f} s, "
@@ -765,6 +851,7 @@ def _measure(target: Target, model_id: str, prompt: str, args: argparse.Namespac
                 f"TTFT p50 {_cell(summary['ttft_p50_ms'])} ms",
                 flush=True,
             )
+            print(f"[{target.name}] C={c} CPU: " + _cpu_line(summary["cpu"]), flush=True)
         target.snapshot()
         return {
             "start_s": round(start_s, 1),
@@ -819,7 +906,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 model, port, vllm_log.with_name(vllm_log.stem + "-cached.log"), args.start_timeout_s
             )
         else:
-            target = OurApp(only, port, args.start_timeout_s)
+            target = OurApp(only, port, args.start_timeout_s, args.front)
         results[name] = _measure(target, model.id, prompt, args)
 
     levels = {name: r["levels"] for name, r in results.items()}
@@ -842,6 +929,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "num_cpus": model.num_cpus,
             "num_gpus": model.gpus_per_replica,
             "quotas": config.quotas.enabled,
+            "front": args.front,
+            "front_env": FRONTS[args.front],
         },
         "targets": args.targets,
         "prompt_tokens_asked": args.prompt_tokens,

@@ -9,11 +9,13 @@ import pytest
 
 from serve_app.bench import (
     RequestResult,
+    busiest,
     compare,
     format_table,
     make_prompt,
     parse_args,
     percentile,
+    process_label,
     summarize,
 )
 from serve_app.config import ModelConfig
@@ -125,3 +127,22 @@ def test_prompt_and_arguments() -> None:
         parse_args(["--targets", "vllm,other"])
     with pytest.raises(SystemExit):
         parse_args(["--requests", "8", "--duration-s", "5"])
+
+
+def test_process_labels_name_ray_workers_and_programs() -> None:
+    assert process_label(["ray::ServeReplica:bench:OpenAIIngress", ""]) == "ServeReplica:bench:OpenAIIngress"
+    assert process_label(["VLLM::EngineCore"]) == "VLLM::EngineCore"
+    assert process_label(["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]) == (
+        "python3 -m vllm.entrypoints.openai.api_server"
+    )
+    assert process_label(["/opt/haproxy", "-f", "x.cfg"]) == "haproxy"
+    assert process_label([]) == "?"
+
+
+def test_busiest_ranks_processes_by_cpu_used_during_the_level() -> None:
+    before = {1: ("proxy", 10.0), 2: ("engine", 5.0), 3: ("idle", 1.0)}
+    after = {1: ("proxy", 14.0), 2: ("engine", 13.0), 3: ("idle", 1.0), 4: ("new", 0.5)}
+    rows = busiest(before, after, wall_s=10.0, output_tokens=20_000, top=3)
+    assert [r["process"] for r in rows] == ["engine", "proxy", "new"]  # nothing for one that did no work
+    assert rows[0] == {"process": "engine", "cpu_s": 8.0, "cores": 0.8, "cpu_ms_per_1k_tokens": 400.0}
+    assert rows[2]["cpu_s"] == 0.5  # a process that started during the level counts from zero

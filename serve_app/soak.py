@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
+from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
 from serve_app.processes import descendants, stop_local_ray
 
 APP = "soak"
@@ -187,12 +188,13 @@ class Load:
             t.join(timeout=330)
 
 
-def _deploy(config: AppConfig, port: int) -> None:
+def _deploy(config: AppConfig, port: int, front: str) -> None:
     import ray
     from ray import serve
 
     from serve_app.builder import build_openai_app
 
+    apply_front(front)
     ray.init(
         _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, logging_level="WARNING"
     )
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", type=Path, default=Path("configs/local.yaml"))
     parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--front", choices=sorted(FRONTS), default=DEFAULT_FRONT, help="serve_app/front.py")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=30.0, help="load before the first memory reading")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         print(f"Starting the app of {args.config} on 127.0.0.1:{port}...", flush=True)
-        _deploy(config, port)
+        _deploy(config, port, args.front)
         owned |= descendants()
         load = Load(f"http://127.0.0.1:{port}", [m.id for m in config.models], args.concurrency)
         load.start()

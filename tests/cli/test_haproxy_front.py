@@ -1,0 +1,149 @@
+"""`serve_app run --front haproxy`: HAProxy in front of ingress replicas that serve HTTP
+themselves (Ray Serve's direct ingress). Streams work through it, the replicas listen on
+loopback only, and Ctrl-C stops HAProxy with everything else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+from tests.cli.test_make_run import _alive, _tree
+from tests.conftest import ROOT
+from tests.serve.conftest import free_port
+
+STARTUP_TIMEOUT_S = 240
+DIRECT_PORTS = (30000, 31000)  # Ray Serve's RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_HTTP_PORT defaults
+
+
+def _config(path: Path, port: int) -> Path:
+    model = {
+        "id": "echo",
+        "source": "none",
+        "engine": "fake",
+        "num_cpus": 0,
+        "num_gpus": 0,
+        "engine_args": {"tokens_per_s": 200},
+    }
+    serve_file = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "mistral",
+                "route_prefix": "/",
+                "import_path": "serve_app.builder:build_app",
+                "args": {"models": [model], "ingress": {"num_replicas": 2, "num_cpus": 0}},
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(serve_file))
+    return path
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    found = []
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            found.append((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    config = _config(tmp_path / "serve.yaml", port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ready in"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not ready.is_set():
+            assert proc.poll() is None, "run exited early:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "run did not get ready:\n" + "".join(lines)
+            seen |= _tree(proc.pid)
+            time.sleep(1.0)
+        output = "".join(lines)
+        assert "haproxy front" in output and "8404" in output, output  # the open ports are told
+
+        body = {
+            "model": "echo",
+            "messages": [{"role": "user", "content": "one two three four five six"}],
+            "max_tokens": 6,
+            "stream": True,
+        }
+        events = []
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json=body,
+            headers={"X-Request-Id": "front-check-1"},
+            timeout=60,
+        ) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: ") :])
+        assert events[-1] == "[DONE]", events
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text.strip(), chunks
+        assert all(c["id"].endswith("front-check-1") for c in chunks), chunks[0]["id"]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "echo"
+
+        seen |= _tree(proc.pid)
+        haproxy = {pid for pid, cmd in seen.items() if "haproxy" in cmd.split(" ")[0]}
+        assert haproxy, seen
+        assert ("127.0.0.1", port) in _listening(haproxy), _listening(haproxy)
+        # Both ingress replicas serve HTTP themselves (on ports of Serve's direct-ingress
+        # range), on loopback only, as http_options.host says. Their other listeners are
+        # Ray's worker and inter-deployment gRPC servers, behind Ray's token authentication.
+        ingress = {pid for pid, cmd in seen.items() if "OpenAIIngress" in cmd}
+        direct = [(ip, p) for ip, p in _listening(ingress) if DIRECT_PORTS[0] <= p < DIRECT_PORTS[1]]
+        assert len(direct) == 2, _listening(ingress)
+        assert all(ip == "127.0.0.1" for ip, _ in direct), direct
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        reader.join(timeout=5)
+    assert "Stopped." in "".join(lines), "".join(lines)
+    left: dict[int, str] = {}
+    for _ in range(20):
+        left = _alive(seen)
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"processes left behind after Ctrl-C: {left}"

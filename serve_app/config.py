@@ -188,6 +188,15 @@ class ModelConfig(StrictModel):
         default_factory=dict, description="Environment variables of each replica process."
     )
     media: MediaOptions = Field(default_factory=MediaOptions, description="Image input options.")
+    stream_batching_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Send a stream's chunks at most this often from a replica, several per message "
+        "(a stream's first two messages are never held). 0: each as soon as the previous is sent, "
+        "joining only what queued meanwhile. Fewer, larger messages cost less CPU under load; "
+        "clients then get tokens in bursts.",
+    )
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
     )

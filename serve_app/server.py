@@ -99,7 +99,9 @@ class ModelServer:
         yield None
         try:
             # Chunks that queue while Serve sends earlier ones travel on as one message.
-            async with contextlib.aclosing(coalesce(self._engine.handle(route, body, request_id))) as items:
+            interval_s = self._config.stream_batching_interval_ms / 1000
+            stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
+            async with contextlib.aclosing(stream) as items:
                 async for item in items:
                     if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
                         self._die()  # nothing reached the client: the ingress retries elsewhere

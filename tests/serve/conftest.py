@@ -12,6 +12,7 @@ import pytest
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
 from serve_app.engine.protocol import EngineStats
+from serve_app.front import DEFAULT_FRONT, apply_front
 from serve_app.processes import descendants, kill_leftovers
 from tests.conftest import ROOT
 
@@ -69,6 +70,7 @@ def local_app() -> Iterator[RunningApp]:
     owned: set[int] = set()
     # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray's own spelling)
+    apply_front(DEFAULT_FRONT)  # as `serve_app run` starts Ray
     dashboard_port = free_port()
     context = ray.init(
         _node_ip_address="127.0.0.1",

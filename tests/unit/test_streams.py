@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -108,3 +109,44 @@ def test_closing_it_cancels_the_source_where_it_waits() -> None:
         return seen.is_set()
 
     assert asyncio.run(main())
+
+
+def test_a_minimum_interval_batches_later_chunks_but_not_the_first_ones() -> None:
+    async def tokens() -> AsyncIterator[bytes]:
+        for i in range(20):
+            yield f"t{i},".encode()
+            await asyncio.sleep(0.01)
+
+    async def main() -> tuple[list[tuple[float, bytes]], float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        out = []
+        async for item in coalesce(tokens(), min_interval_s=0.06):
+            assert isinstance(item, bytes)
+            out.append((loop.time() - started, item))
+        return out, loop.time() - started
+
+    out, total = asyncio.run(main())
+    assert b"".join(item for _, item in out) == b"".join(f"t{i},".encode() for i in range(20))
+    # The first two messages (a chat stream's role chunk and first content) go at once.
+    assert out[0][1] == b"t0," and out[1][1] == b"t1,"
+    assert out[1][0] < 0.05
+    # Then messages are >= 60 ms apart (but the last, sent when the stream ends), so each
+    # carries several chunks...
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(out[2:])]
+    assert all(gap >= 0.05 for gap in gaps[:-1]), gaps
+    assert len(out) <= 2 + 20 * 0.01 / 0.06 + 2
+    # ...and the end of the stream is not held back for a full interval.
+    assert total < 20 * 0.01 + 0.06 + 0.05
+
+
+def test_no_interval_holds_nothing() -> None:
+    async def tokens() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield f"t{i}".encode()
+            await asyncio.sleep(0.02)
+
+    async def main() -> int:
+        return len([item async for item in coalesce(tokens())])
+
+    assert asyncio.run(main()) == 5

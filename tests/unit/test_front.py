@@ -1,0 +1,47 @@
+"""The HTTP front: the variables each sets, and the cluster manifests carrying the default."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variables in FRONTS.values():
+        for name in variables:
+            monkeypatch.delenv(name, raising=False)
+
+
+def test_each_front_sets_its_variables() -> None:
+    assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+    assert apply_front("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def test_an_operators_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
+    assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+
+
+def test_an_unknown_front_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown front 'nginx'"):
+        apply_front("nginx")
+
+
+def test_cluster_manifests_run_the_default_front() -> None:
+    wanted = FRONTS[DEFAULT_FRONT]
+    launcher = yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())
+    options = launcher["docker"]["run_options"]
+    for name, value in wanted.items():
+        assert f"--env {name}={value}" in options
+    service = yaml.safe_load((ROOT / "cluster/rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for name, value in wanted.items():
+                assert env.get(name) == value, (container["name"], env)

@@ -34,6 +34,16 @@ def _config(path: Path, port: int) -> Path:
         "num_gpus": 0,
         "engine_args": {"tokens_per_s": 200},
     }
+    # One slot at 5 tokens/s: a second request waits for the first unless it was cancelled.
+    slow = {
+        "id": "slow",
+        "source": "none",
+        "engine": "fake",
+        "num_cpus": 0,
+        "num_gpus": 0,
+        "engine_args": {"tokens_per_s": 5, "max_num_seqs": 1},
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 1},
+    }
     serve_file = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
@@ -41,7 +51,7 @@ def _config(path: Path, port: int) -> Path:
                 "name": "mistral",
                 "route_prefix": "/",
                 "import_path": "serve_app.builder:build_app",
-                "args": {"models": [model], "ingress": {"num_replicas": 2, "num_cpus": 0}},
+                "args": {"models": [model, slow], "ingress": {"num_replicas": 2, "num_cpus": 0}},
             }
         ],
     }
@@ -117,7 +127,23 @@ def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
         assert text.strip(), chunks
         assert all(c["id"].endswith("front-check-1") for c in chunks), chunks[0]["id"]
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
-        assert models.status_code == 200 and models.json()["data"][0]["id"] == "echo"
+        assert models.status_code == 200 and {m["id"] for m in models.json()["data"]} == {"echo", "slow"}
+
+        # A client that leaves mid-stream frees its engine slot through HAProxy too.
+        long = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+        with httpx.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={**long, "stream": True}, timeout=60
+        ) as resp:
+            assert resp.status_code == 200
+            for n, _ in enumerate(resp.iter_lines()):
+                if n >= 2:
+                    break  # leave after the first events: 100 tokens would take 20 s
+        started = time.monotonic()
+        short = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json={**long, "max_tokens": 2}, timeout=60
+        )
+        assert short.status_code == 200, short.text
+        assert time.monotonic() - started < 8, "the abandoned stream still held the only slot"
 
         seen |= _tree(proc.pid)
         haproxy = {pid for pid, cmd in seen.items() if "haproxy" in cmd.split(" ")[0]}

@@ -5,11 +5,7 @@ loopback only, and Ctrl-C stops HAProxy with everything else."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,8 +13,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.cli.test_make_run import _alive, _tree
-from tests.conftest import ROOT
+from tests.cli.conftest import served
 from tests.serve.conftest import free_port
 
 STARTUP_TIMEOUT_S = 240
@@ -70,37 +65,9 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
 def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     config = _config(tmp_path / "serve.yaml", port)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Ready in"):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    seen: dict[int, str] = {}
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not ready.is_set():
-            assert proc.poll() is None, "run exited early:\n" + "".join(lines)
-            assert time.monotonic() < deadline, "run did not get ready:\n" + "".join(lines)
-            seen |= _tree(proc.pid)
-            time.sleep(1.0)
-        output = "".join(lines)
-        assert "haproxy front" in output and "8404" in output, output  # the open ports are told
+    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"]
+    with served(command, STARTUP_TIMEOUT_S) as run:
+        assert "haproxy front" in run.output and "8404" in run.output, run.output  # the open ports are told
 
         body = {
             "model": "echo",
@@ -145,7 +112,7 @@ def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
         assert short.status_code == 200, short.text
         assert time.monotonic() - started < 8, "the abandoned stream still held the only slot"
 
-        seen |= _tree(proc.pid)
+        seen = run.look()
         haproxy = {pid for pid, cmd in seen.items() if "haproxy" in cmd.split(" ")[0]}
         assert haproxy, seen
         assert ("127.0.0.1", port) in _listening(haproxy), _listening(haproxy)
@@ -156,20 +123,3 @@ def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
         direct = [(ip, p) for ip, p in _listening(ingress) if DIRECT_PORTS[0] <= p < DIRECT_PORTS[1]]
         assert len(direct) == 2, _listening(ingress)
         assert all(ip == "127.0.0.1" for ip, _ in direct), direct
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-        reader.join(timeout=5)
-    assert "Stopped." in "".join(lines), "".join(lines)
-    left: dict[int, str] = {}
-    for _ in range(20):
-        left = _alive(seen)
-        if not left:
-            break
-        time.sleep(0.5)
-    assert not left, f"processes left behind after Ctrl-C: {left}"

@@ -54,7 +54,7 @@ def _keep_log_handlers() -> Iterator[None]:
 # cross-thread hand-off, and the replica's stream is pulled only as fast as Serve sends it, so
 # chunks that queue meanwhile are coalesced. Measured with the HAProxy front on 2 cores at 64
 # streams: 169 against 209 us of model-replica CPU per output token (docs/benchmarks.md).
-# A model's or the ingress's own `env` can set it back to "1".
+# A model's own `env` can set it back to "1".
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 

@@ -7,6 +7,7 @@ tests only because it passes exactly these tests.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -195,3 +196,22 @@ def test_info_and_health(harness: Harness) -> None:
     assert harness.engine.info().max_model_len >= 1024
     harness.run(harness.engine.check_health())
     assert harness.engine.stats().in_flight == 0
+
+
+def _tool_parsers_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if hasattr(type(o), "update_stream_state_pre_v11_tokenizer"))
+
+
+def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
+    """vLLM's Mistral tool parser forms a reference cycle through ijson that the garbage
+    collector cannot free; the engine breaks it when a request ends (else +70 KiB a request)."""
+    if type(harness.engine).__name__ != "VLLMEngine":
+        pytest.skip("only vLLM makes tool parsers")
+    body = {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 3}
+    harness.collect(Route.CHAT, body)
+    before = _tool_parsers_alive()
+    for i in range(10):
+        harness.collect(Route.CHAT, {**body, "stream": i % 2 == 0})
+    grown = _tool_parsers_alive() - before
+    assert grown <= 1, f"{grown} tool parsers outlived 10 chat requests"

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
+from serve_app.front import DEFAULT_FRONT, FRONTS, add_front_option, apply_front
 from serve_app.processes import descendants, kill_leftovers, stop_local_ray
 from serve_app.vllm_cli import vllm_serve_args
 
@@ -766,12 +766,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--api-key", help="sent as a Bearer token (for a config with API keys)")
-    parser.add_argument(
-        "--front",
-        choices=sorted(FRONTS),
-        default=DEFAULT_FRONT,
-        help=f"how HTTP reaches ours' ingress (serve_app/front.py; default: {DEFAULT_FRONT})",
-    )
+    add_front_option(parser)  # for ours
     parser.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
     args = parser.parse_args(argv)
     if args.config_file and args.config and args.config_file != args.config:

@@ -23,7 +23,7 @@ from typing import Any
 
 from serve_app.auth import check_exposure, hash_key
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
-from serve_app.front import DEFAULT_FRONT, FRONTS, HAPROXY_NOTE, apply_front
+from serve_app.front import HAPROXY_NOTE, add_front_option, apply_front
 from serve_app.processes import descendants, stop_local_ray
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
@@ -169,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", help="override http_options.host")
     run.add_argument("--port", type=int, help="override http_options.port")
     run.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
-    run.add_argument(
-        "--front",
-        choices=sorted(FRONTS),
-        default=DEFAULT_FRONT,
-        help=f"how HTTP reaches the ingress: Serve's proxy or HAProxy (default: {DEFAULT_FRONT}; see README)",
-    )
+    add_front_option(run)
     run.add_argument("--verbose", action="store_true", help="show Ray and vLLM logs")
     run.set_defaults(func=cmd_run)
     check = sub.add_parser("check", help="validate a Serve config and build its application")

@@ -20,6 +20,7 @@ start; on a cluster, set the same variables on every node (cluster/README.md).
 
 from __future__ import annotations
 
+import argparse
 import os
 
 FRONTS: dict[str, dict[str, str]] = {
@@ -44,3 +45,13 @@ def apply_front(front: str) -> dict[str, str]:
     for name, value in FRONTS[front].items():
         os.environ.setdefault(name, value)
     return {name: os.environ[name] for name in FRONTS[front]}
+
+
+def add_front_option(parser: argparse.ArgumentParser) -> None:
+    """`--front`, for a command that starts its own Ray instance (run, bench, soak)."""
+    parser.add_argument(
+        "--front",
+        choices=sorted(FRONTS),
+        default=DEFAULT_FRONT,
+        help=f"how HTTP reaches the ingress: Serve's proxy or HAProxy (serve_app/front.py; default: {DEFAULT_FRONT})",
+    )

@@ -27,7 +27,7 @@ import httpx
 import psutil
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
-from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
+from serve_app.front import add_front_option, apply_front
 from serve_app.processes import descendants, stop_local_ray
 
 APP = "soak"
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", type=Path, default=Path("configs/local.yaml"))
     parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--front", choices=sorted(FRONTS), default=DEFAULT_FRONT, help="serve_app/front.py")
+    add_front_option(parser)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup-s", type=float, default=30.0, help="load before the first memory reading")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")

@@ -334,7 +334,6 @@ async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> 
     Chunks that queue while this replica is busy go on together (`coalesce`): the HTTP side
     then sends fewer, larger messages, and the first chunk is never held back.
     """
-    failure: Exception | None = None
     finished = False
     try:
         async with contextlib.aclosing(coalesce(stream)) as items:
@@ -345,17 +344,15 @@ async def _relay(stream: DeploymentResponseGenerator, record: RequestRecord) -> 
                 record.chunk(item)
                 finished = item.endswith(b"data: [DONE]\n\n")
                 yield item
-    except Exception as exc:  # the replica died mid-stream
-        failure = exc
-    if failure is not None:
-        # End the stream the way OpenAI clients understand.
-        logger.warning("request %s: stream broke: %r", record.request_id, failure)
-        record.status, record.error = 503, f"stream interrupted: {failure!r}"
+    except Exception as exc:  # the replica died mid-stream: end the way OpenAI clients understand
+        logger.warning("request %s: stream broke: %r", record.request_id, exc)
+        record.status, record.error = 503, f"stream interrupted: {exc!r}"
         yield b"data: " + error_body(503, "The stream was interrupted by a server error.") + b"\n\n"
         yield b"data: [DONE]\n\n"
+        finished = True
     # A stream cut short (Serve cancels the model's stream when the client leaves) ends
     # without [DONE]: it stays not done, so it is recorded as cancelled.
-    record.done = failure is not None or finished
+    record.done = finished
 
 
 def _request_id(request: Request) -> str:

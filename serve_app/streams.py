@@ -76,7 +76,7 @@ async def coalesce(source: AsyncIterator[T], min_interval_s: float = 0.0) -> Asy
             buffer.clear()
             for item in _joined(items):
                 yield item
-                if isinstance(item, bytes):
+                if min_interval_s > 0 and isinstance(item, bytes):
                     sent += 1
                     last_sent = loop.time()
         if failure is not None:

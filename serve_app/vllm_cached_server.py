@@ -1,4 +1,4 @@
-"""Plain `vllm serve` with the one vLLM fix our replicas apply (a reference for benchmarks).
+"""Plain `vllm serve` with the vLLM speed fix our replicas apply (a reference for benchmarks).
 
 Our replicas build vLLM's tool-parser special-token tables once per tokenizer instead of once
 per chat request (`serve_app.engine.vllm_engine.reuse_parser_tables`). This runs vLLM's own

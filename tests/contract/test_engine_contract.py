@@ -7,6 +7,7 @@ tests only because it passes exactly these tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -215,3 +216,36 @@ def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
         harness.collect(Route.CHAT, {**body, "stream": i % 2 == 0})
     grown = _tool_parsers_alive() - before
     assert grown <= 1, f"{grown} tool parsers outlived 10 chat requests"
+
+
+def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> None:
+    """Serve cancels a replica's task wherever it waits when the client leaves: before the
+    engine has the request, while it is handed over, or mid-stream. None may stay behind."""
+    body = {
+        "model": "tiny-mistral-v3",
+        "messages": MESSAGES,
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+    async def consume(rid: str) -> None:
+        async for _ in harness.engine.handle(Route.CHAT, json.dumps(body).encode(), rid):
+            pass
+
+    async def go() -> None:
+        for turns in range(60):
+            task = asyncio.ensure_future(consume(f"rid-cancel-{turns}"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 2.0
+            while (held := harness.engine.stats().in_flight) != 0:
+                assert time.monotonic() < deadline, (
+                    f"cancelled after {turns} loop turns, {held} held 2 s later"
+                )
+                await asyncio.sleep(0.02)
+
+    harness.run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,24 @@ def local_app() -> Iterator[RunningApp]:
             ray.shutdown()
             kill_leftovers(owned)
             os.environ.pop("RAY_metrics_report_interval_ms", None)
+
+
+IDLE_WITHIN_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def engines_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test on the shared app, its engines hold no request within `IDLE_WITHIN_S`:
+    a request that outlives its test (a cancellation lost on the way) fails that test, not
+    whichever test next expects an idle engine."""
+    yield
+    if "local_app" not in request.fixturenames:
+        return
+    app: RunningApp = request.getfixturevalue("local_app")
+    deadline = time.monotonic() + IDLE_WITHIN_S
+    for model in app.config.models:
+        while (held := app.engine_load(model.id)).in_flight:
+            assert time.monotonic() < deadline, (
+                f"{model.id}'s engine still holds {held} {IDLE_WITHIN_S} s after the test"
+            )
+            time.sleep(0.05)

@@ -19,6 +19,7 @@ from tests.support.prom import Scrape, scrape, wait_for
 
 MODEL = "tiny-mistral-v3"
 REQUESTS = "ray_mistral_serve_requests_total"
+VLLM_TOKENS = "ray_vllm_generation_tokens_total"  # vLLM's own, exported apart from ours
 
 
 def _chat(max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -50,7 +51,9 @@ def _settled(app: RunningApp) -> Scrape:
             "ray_mistral_serve_completion_tokens_total",
             "ray_mistral_serve_prompt_tokens_total",
         )
-        if all(now.total(n, model=MODEL) == last.total(n, model=MODEL) for n in names):
+        if all(now.total(n, model=MODEL) == last.total(n, model=MODEL) for n in names) and now.total(
+            VLLM_TOKENS, model_name=MODEL
+        ) == last.total(VLLM_TOKENS, model_name=MODEL):
             return now
         last = now
     return last
@@ -80,6 +83,7 @@ def traffic(local_app: RunningApp) -> dict[str, Any]:
         with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
             next(resp.iter_lines())
     expected = {"ok": 5, "bad": 1, "unknown": 1, "cancelled": 1}
+    completion_tokens = 3 * 5 + 2 * 6
 
     def arrived(now: Scrape) -> bool:
         def delta(**labels: str) -> float:
@@ -89,6 +93,8 @@ def traffic(local_app: RunningApp) -> dict[str, Any]:
             delta(model=MODEL, route="chat", status="200") >= expected["ok"]
             and delta(model=MODEL, status="499") >= expected["cancelled"]
             and now.total("ray_mistral_serve_engine_running_requests", model=MODEL) == 0
+            and now.total(VLLM_TOKENS, model_name=MODEL) - before.total(VLLM_TOKENS, model_name=MODEL)
+            >= completion_tokens
         )
 
     after = wait_for(local_app.metrics_urls, arrived)
@@ -96,7 +102,7 @@ def traffic(local_app: RunningApp) -> dict[str, Any]:
         "before": before,
         "after": after,
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": 3 * 5 + 2 * 6,
+        "completion_tokens": completion_tokens,
         "streams": (with_usage, without_usage),
     }
 
@@ -158,9 +164,7 @@ def test_vllm_engine_metrics_reach_ray(traffic: dict[str, Any]) -> None:
         if s.labels["model_name"] == MODEL
     ]
     assert ttft and sum(s.value for s in ttft) >= 3
-    assert (
-        _delta(traffic, "ray_vllm_generation_tokens_total", model_name=MODEL) >= traffic["completion_tokens"]
-    )
+    assert _delta(traffic, VLLM_TOKENS, model_name=MODEL) >= traffic["completion_tokens"]
 
 
 def test_dashboard_queries_name_only_exported_metrics(traffic: dict[str, Any]) -> None:

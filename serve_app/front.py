@@ -16,6 +16,12 @@ when it starts (they are read once, by Serve's controller, proxies and replicas)
 
 `serve_app run --front`, the benchmark and the soak apply a front to the Ray instance they
 start; on a cluster, set the same variables on every node (cluster/README.md).
+
+A Ray instance started here is one machine's, so it also gets `LOCAL_SETTINGS`: behind HAProxy,
+an ingress replica that stops stays reachable for Serve's deregistration window (30 s by
+default, for load balancers across a cluster) before it drains, which made every local stop
+take over 30 s longer. The local HAProxy reloads within a second and retries a refused
+connection on another replica, so 2 s is enough there. Clusters keep Serve's default.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ FRONTS: dict[str, dict[str, str]] = {
     "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+# Only for a Ray instance of one machine, started by this process (see above).
+LOCAL_SETTINGS: dict[str, dict[str, str]] = {
+    "proxy": {},
+    "haproxy": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"},
+}
 DEFAULT_FRONT = "proxy"
 HAPROXY_OPEN_PORTS = (8404, 9101)
 HAPROXY_NOTE = (
@@ -36,15 +47,17 @@ HAPROXY_NOTE = (
 
 
 def apply_front(front: str) -> dict[str, str]:
-    """Set `front`'s variables in this process's environment, for a Ray instance it starts.
+    """Set `front`'s variables, and its `LOCAL_SETTINGS`, in this process's environment, for
+    the one-machine Ray instance it starts.
 
     A variable already set by the operator is left alone. Returns the variables now in effect.
     """
     if front not in FRONTS:
         raise ValueError(f"unknown front {front!r} (choose from {', '.join(FRONTS)})")
-    for name, value in FRONTS[front].items():
+    wanted = {**FRONTS[front], **LOCAL_SETTINGS[front]}
+    for name, value in wanted.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in FRONTS[front]}
+    return {name: os.environ[name] for name in wanted}
 
 
 def add_front_option(parser: argparse.ArgumentParser) -> None:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from serve_app.front import DEFAULT_FRONT, FRONTS, apply_front
+from serve_app.front import DEFAULT_FRONT, FRONTS, LOCAL_SETTINGS, apply_front
 from tests.conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variables in FRONTS.values():
+    for variables in [*FRONTS.values(), *LOCAL_SETTINGS.values()]:
         for name in variables:
             monkeypatch.delenv(name, raising=False)
 
 
 def test_each_front_sets_its_variables() -> None:
     assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
-    assert apply_front("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert apply_front("haproxy") == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # a local stop is not held for a cluster's deregistration window (30 s)
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
 
 
 def test_an_operators_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:

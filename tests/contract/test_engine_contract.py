@@ -23,6 +23,10 @@ from tests.conftest import ROOT
 
 T = TypeVar("T")
 MESSAGES = [{"role": "user", "content": "Who is the best French painter?"}]
+# A stream far longer than any test waits for: it ends only when its client leaves.
+LONG_STREAM = json.dumps(
+    {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+).encode()
 
 
 class Harness:
@@ -167,16 +171,9 @@ def test_bad_request_is_one_openai_400(
 
 
 def test_closing_a_stream_frees_the_request(harness: Harness) -> None:
-    body = {
-        "model": "tiny-mistral-v3",
-        "messages": MESSAGES,
-        "max_tokens": 2000,
-        "ignore_eos": True,
-        "stream": True,
-    }
 
     async def go() -> None:
-        gen = harness.engine.handle(Route.CHAT, json.dumps(body).encode(), "rid-cancel")
+        gen = harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-cancel")
         assert isinstance(gen, AsyncIterator)
         head = await gen.__anext__()
         assert isinstance(head, Head) and head.stream
@@ -221,16 +218,9 @@ def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
 def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> None:
     """Serve cancels a replica's task wherever it waits when the client leaves: before the
     engine has the request, while it is handed over, or mid-stream. None may stay behind."""
-    body = {
-        "model": "tiny-mistral-v3",
-        "messages": MESSAGES,
-        "max_tokens": 2000,
-        "ignore_eos": True,
-        "stream": True,
-    }
 
     async def consume(rid: str) -> None:
-        async for _ in harness.engine.handle(Route.CHAT, json.dumps(body).encode(), rid):
+        async for _ in harness.engine.handle(Route.CHAT, LONG_STREAM, rid):
             pass
 
     async def go() -> None:

@@ -285,6 +285,37 @@ def release_json_coroutines(created: list[tuple[Any, Any]]) -> None:
     created.clear()
 
 
+def abort_requests_cut_off_in_handover() -> None:
+    """Abort a request whose hand-over to the engine core is cut off by a cancellation.
+
+    vLLM's `AsyncLLM._add_request` (0.24 and 0.32 alike) registers a request with the output
+    processor, then awaits sending it to the engine core; `generate` aborts a cancelled request
+    only once that has returned. A request cancelled during the send (which waits when the
+    socket to the engine core is full) stayed registered for ever: counted in flight by
+    `stats()` and never finished. vLLM's own path for `n > 1` in 0.32 aborts in that case; this
+    does the same for every request. Releases without `_add_request` are left as they are.
+    """
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError:
+        return
+    original = getattr(AsyncLLM, "_add_request", None)
+    if original is None or getattr(original, "_mistral_serve_guarded", False):
+        return
+
+    @functools.wraps(original)
+    async def _add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, request, *args, **kwargs)
+        except BaseException:
+            if request.request_id in self.output_processor.request_states:
+                await self.abort(request.request_id, internal=True)
+            raise
+
+    _add_request._mistral_serve_guarded = True  # type: ignore[attr-defined]
+    setattr(AsyncLLM, "_add_request", _add_request)  # noqa: B010 (mypy refuses assigning a method)
+
+
 def reuse_parser_tables() -> None:
     """Build vLLM's tool-parser special-token table once per tokenizer, not per request.
 
@@ -450,6 +481,7 @@ class VLLMEngine(Engine):
         init_app_state = _import_first(_API_SERVER_MODULES, "init_app_state")
         reuse_parser_tables()
         track_json_coroutines()
+        abort_requests_cut_off_in_handover()
         # vLLM's own metrics go to Ray's metrics endpoint when the engine runs under Ray.
         loggers = [self._scheduler.factory]
         if (ray_logger := _ray_stat_logger()) is not None:

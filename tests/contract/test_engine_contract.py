@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -219,13 +220,11 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
     """Serve cancels a replica's task wherever it waits when the client leaves: before the
     engine has the request, while it is handed over, or mid-stream. None may stay behind."""
 
-    async def consume(rid: str) -> None:
-        async for _ in harness.engine.handle(Route.CHAT, LONG_STREAM, rid):
-            pass
-
     async def go() -> None:
         for turns in range(60):
-            task = asyncio.ensure_future(consume(f"rid-cancel-{turns}"))
+            task = asyncio.ensure_future(
+                _drain(harness.engine.handle(Route.CHAT, LONG_STREAM, f"rid-cancel-{turns}"))
+            )
             for _ in range(turns):
                 await asyncio.sleep(0)
             task.cancel()
@@ -239,3 +238,70 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
                 await asyncio.sleep(0.02)
 
     harness.run(go())
+
+
+def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harness) -> None:
+    """A request cancelled while it is sent to vLLM's engine core (a send waits when the socket
+    is full) must not stay registered: it would count as in flight for ever."""
+    if type(harness.engine).__name__ != "VLLMEngine":
+        pytest.skip("only vLLM hands requests to an engine core process")
+    core = harness.engine._client.engine_core  # type: ignore[attr-defined]
+
+    async def go() -> None:
+        never = asyncio.get_running_loop().create_future()
+
+        async def send_that_waits(request: Any) -> None:
+            await never
+
+        core.add_request_async = send_that_waits
+        try:
+            task = asyncio.ensure_future(
+                _drain(harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-handover"))
+            )
+            deadline = time.monotonic() + 5.0
+            while harness.engine.stats().in_flight == 0:  # registered, now waiting on the send
+                assert time.monotonic() < deadline and not task.done(), "the request never reached the send"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            del core.add_request_async
+        deadline = time.monotonic() + 2.0
+        while (held := harness.engine.stats().in_flight) != 0:
+            assert time.monotonic() < deadline, (
+                f"{held} request(s) still registered 2 s after the cancellation"
+            )
+            await asyncio.sleep(0.02)
+
+    harness.run(go())
+
+
+async def _drain(items: AsyncIterator[Any]) -> None:
+    async for _ in items:
+        pass
+
+
+def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness) -> None:
+    """vLLM 0.32 rebuilds its tool parser's special-token table (about a thousand regexes for
+    Mistral's tokenizers) for every chat request; the engine keeps one per tokenizer."""
+    if type(harness.engine).__name__ != "VLLMEngine":
+        pytest.skip("only vLLM makes tool parsers")
+    module = importlib.import_module("vllm.parser.engine.streaming_parser_engine")
+    build = module._build_drop_info
+    tables: list[Any] = []
+
+    def recorded(config: Any, tokenizer: Any) -> Any:
+        tables.append(build(config, tokenizer))
+        return tables[-1]
+
+    module._build_drop_info = recorded
+    try:
+        for _ in range(3):
+            harness.collect(Route.CHAT, {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 2})
+    finally:
+        module._build_drop_info = build
+    assert len(tables) >= 3, "chat requests no longer build the table: drop the fix"
+    assert all(table is tables[0] for table in tables), (
+        f"{len({id(t) for t in tables})} tables for one tokenizer"
+    )

@@ -183,10 +183,7 @@ def test_closing_a_stream_frees_the_request(harness: Harness) -> None:
         stats = harness.engine.stats()
         assert stats.in_flight == 1 and stats.running + stats.waiting >= 1
         await gen.aclose()  # what a Serve cancellation does to the replica's generator
-        deadline = time.monotonic() + 1.0
-        while harness.engine.stats().in_flight:
-            assert time.monotonic() < deadline, "the request outlived its client by more than 1 s"
-            await asyncio.sleep(0.02)
+        await _released_within(harness.engine, 1.0, "after its generator was closed")
 
     harness.run(go())
 
@@ -227,15 +224,8 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
             )
             for _ in range(turns):
                 await asyncio.sleep(0)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            deadline = time.monotonic() + 2.0
-            while (held := harness.engine.stats().in_flight) != 0:
-                assert time.monotonic() < deadline, (
-                    f"cancelled after {turns} loop turns, {held} held 2 s later"
-                )
-                await asyncio.sleep(0.02)
+            await _cancel(task)
+            await _released_within(harness.engine, 2.0, f"cancelled after {turns} loop turns")
 
     harness.run(go())
 
@@ -262,17 +252,10 @@ def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harnes
             while harness.engine.stats().in_flight == 0:  # registered, now waiting on the send
                 assert time.monotonic() < deadline and not task.done(), "the request never reached the send"
                 await asyncio.sleep(0.01)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancel(task)
         finally:
             del core.add_request_async
-        deadline = time.monotonic() + 2.0
-        while (held := harness.engine.stats().in_flight) != 0:
-            assert time.monotonic() < deadline, (
-                f"{held} request(s) still registered 2 s after the cancellation"
-            )
-            await asyncio.sleep(0.02)
+        await _released_within(harness.engine, 2.0, "cancelled during its hand-over")
 
     harness.run(go())
 
@@ -280,6 +263,22 @@ def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harnes
 async def _drain(items: AsyncIterator[Any]) -> None:
     async for _ in items:
         pass
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` as Serve does when a client leaves, and let it end."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _released_within(engine: Engine, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while (held := engine.stats().in_flight) != 0:
+        assert time.monotonic() < deadline, (
+            f"{held} request(s) still held {seconds:g} s after a client left, {what}"
+        )
+        await asyncio.sleep(0.02)
 
 
 def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness) -> None:

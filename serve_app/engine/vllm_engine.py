@@ -292,8 +292,10 @@ def abort_requests_cut_off_in_handover() -> None:
     processor, then awaits sending it to the engine core; `generate` aborts a cancelled request
     only once that has returned. A request cancelled during the send (which waits when the
     socket to the engine core is full) stayed registered for ever: counted in flight by
-    `stats()` and never finished. vLLM's own path for `n > 1` in 0.32 aborts in that case; this
-    does the same for every request. Releases without `_add_request` are left as they are.
+    `stats()` and never finished. vLLM 0.32 aborts in that case on its own path for `n > 1`;
+    this does it for single requests, and for 0.24's `n > 1`, which hands its samples over one
+    by one through `_add_request`: there the whole parent request is aborted, so the samples
+    already sent stop too. Releases without `_add_request` are left as they are.
     """
     try:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -308,8 +310,19 @@ def abort_requests_cut_off_in_handover() -> None:
         try:
             return await original(self, request, *args, **kwargs)
         except BaseException:
-            if request.request_id in self.output_processor.request_states:
-                await self.abort(request.request_id, internal=True)
+            # (request, prompt, parent_req, index, queue) in both releases
+            parent = kwargs.get("parent_req", args[1] if len(args) > 1 else None)
+            outputs = self.output_processor
+            if parent is not None and parent.request_id in getattr(outputs, "parent_requests", {}):
+                doomed = parent.request_id
+            elif request.request_id in outputs.request_states:
+                doomed = request.request_id
+            else:
+                raise
+            try:
+                await self.abort(doomed, internal=True)
+            except Exception as exc:  # keep the original error (a cancellation, most often)
+                logger.warning("could not abort request %s cut off in its hand-over: %r", doomed, exc)
             raise
 
     _add_request._mistral_serve_guarded = True  # type: ignore[attr-defined]

@@ -216,18 +216,28 @@ def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
 def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> None:
     """Serve cancels a replica's task wherever it waits when the client leaves: before the
     engine has the request, while it is handed over, or mid-stream. None may stay behind."""
+    # Loop turns reach the early awaits one by one; delays reach the stream.
+    waits: list[tuple[int, float]] = [(turns, 0.0) for turns in range(40)]
+    waits += [(0, ms / 1000) for ms in range(2, 200, 10)]
+    reached: set[str] = set()
 
     async def go() -> None:
-        for turns in range(60):
-            task = asyncio.ensure_future(
-                _drain(harness.engine.handle(Route.CHAT, LONG_STREAM, f"rid-cancel-{turns}"))
-            )
+        for turns, delay_s in waits:
+            items: list[Any] = []
+            body = harness.engine.handle(Route.CHAT, LONG_STREAM, f"rid-cancel-{turns}-{delay_s}")
+            task = asyncio.ensure_future(_drain(body, items))
             for _ in range(turns):
                 await asyncio.sleep(0)
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            reached.add(
+                "streaming" if len(items) > 1 else "held" if harness.engine.stats().in_flight else "early"
+            )
             await _cancel(task)
-            await _released_within(harness.engine, 2.0, f"cancelled after {turns} loop turns")
+            await _released_within(harness.engine, 2.0, f"cancelled after {turns} loop turns and {delay_s} s")
 
     harness.run(go())
+    assert reached == {"early", "held", "streaming"}, f"cancellations reached only {sorted(reached)}"
 
 
 def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harness) -> None:
@@ -244,10 +254,8 @@ def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harnes
             await never
 
         core.add_request_async = send_that_waits
+        task = asyncio.ensure_future(_drain(harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-handover")))
         try:
-            task = asyncio.ensure_future(
-                _drain(harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-handover"))
-            )
             deadline = time.monotonic() + 5.0
             while harness.engine.stats().in_flight == 0:  # registered, now waiting on the send
                 assert time.monotonic() < deadline and not task.done(), "the request never reached the send"
@@ -255,14 +263,17 @@ def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harnes
             await _cancel(task)
         finally:
             del core.add_request_async
+            if not task.done():  # an assertion above failed: leave the shared engine clean
+                await _cancel(task)
         await _released_within(harness.engine, 2.0, "cancelled during its hand-over")
 
     harness.run(go())
 
 
-async def _drain(items: AsyncIterator[Any]) -> None:
-    async for _ in items:
-        pass
+async def _drain(items: AsyncIterator[Any], into: list[Any] | None = None) -> None:
+    async for item in items:
+        if into is not None:
+            into.append(item)
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

@@ -925,7 +925,11 @@ def run_bench(args: argparse.Namespace) -> int:
             "num_gpus": model.gpus_per_replica,
             "quotas": config.quotas.enabled,
             "front": args.front,
-            "front_env": {**FRONTS[args.front], **LOCAL_SETTINGS[args.front]},
+            # what apply_front puts in effect: an operator's own value wins
+            "front_env": {
+                name: os.environ.get(name, value)
+                for name, value in {**FRONTS[args.front], **LOCAL_SETTINGS[args.front]}.items()
+            },
         },
         "targets": args.targets,
         "prompt_tokens_asked": args.prompt_tokens,

@@ -20,7 +20,7 @@ start; on a cluster, set the same variables on every node (cluster/README.md).
 A Ray instance started here is one machine's, so it also gets `LOCAL_SETTINGS`: behind HAProxy,
 an ingress replica that stops stays reachable for Serve's deregistration window (30 s by
 default, for load balancers across a cluster) before it drains, which made every local stop
-take over 30 s longer. The local HAProxy reloads within a second and retries a refused
+wait for it (a bench stop took 32 s, and 7 s with the 2 s set here). The local HAProxy reloads within a second and retries a refused
 connection on another replica, so 2 s is enough there. Clusters keep Serve's default.
 """
 

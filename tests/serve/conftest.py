@@ -54,7 +54,7 @@ class RunningApp:
         model = self.config.find(model_id)
         assert model is not None
         handle = serve.get_deployment_handle(model.deployment_name, APP_NAME)
-        stats: EngineStats = handle.engine_stats.remote().result()
+        stats: EngineStats = handle.engine_stats.remote().result(timeout_s=10)
         return stats
 
 

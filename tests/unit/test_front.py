@@ -28,6 +28,8 @@ def test_each_front_sets_its_variables() -> None:
 def test_an_operators_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
     assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
+    assert apply_front("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
 
 
 def test_an_unknown_front_is_refused() -> None:

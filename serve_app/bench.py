@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from serve_app.front import DEFAULT_FRONT, FRONTS, LOCAL_SETTINGS, add_front_option, apply_front
+from serve_app.front import DEFAULT_FRONT, add_front_option, apply_front, front_variables
 from serve_app.processes import descendants, kill_leftovers, stop_local_ray
 from serve_app.vllm_cli import vllm_serve_args
 
@@ -925,11 +925,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "num_gpus": model.gpus_per_replica,
             "quotas": config.quotas.enabled,
             "front": args.front,
-            # what apply_front puts in effect: an operator's own value wins
-            "front_env": {
-                name: os.environ.get(name, value)
-                for name, value in {**FRONTS[args.front], **LOCAL_SETTINGS[args.front]}.items()
-            },
+            "front_env": front_variables(args.front),
         },
         "targets": args.targets,
         "prompt_tokens_asked": args.prompt_tokens,

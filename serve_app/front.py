@@ -20,8 +20,9 @@ start; on a cluster, set the same variables on every node (cluster/README.md).
 A Ray instance started here is one machine's, so it also gets `LOCAL_SETTINGS`: behind HAProxy,
 an ingress replica that stops stays reachable for Serve's deregistration window (30 s by
 default, for load balancers across a cluster) before it drains, which made every local stop
-wait for it (a bench stop took 32 s, and 7 s with the 2 s set here). The local HAProxy reloads within a second and retries a refused
-connection on another replica, so 2 s is enough there. Clusters keep Serve's default.
+wait for it (a bench stop took 32 s, and 7 s with the 2 s set here). The local HAProxy
+reloads within a second and retries a refused connection on another replica, so 2 s is
+enough there. Clusters keep Serve's default.
 """
 
 from __future__ import annotations
@@ -46,18 +47,20 @@ HAPROXY_NOTE = (
 )
 
 
-def apply_front(front: str) -> dict[str, str]:
-    """Set `front`'s variables, and its `LOCAL_SETTINGS`, in this process's environment, for
-    the one-machine Ray instance it starts.
-
-    A variable already set by the operator is left alone. Returns the variables now in effect.
-    """
+def front_variables(front: str) -> dict[str, str]:
+    """`front`'s variables and its `LOCAL_SETTINGS`, each as the operator set it, if they did."""
     if front not in FRONTS:
         raise ValueError(f"unknown front {front!r} (choose from {', '.join(FRONTS)})")
     wanted = {**FRONTS[front], **LOCAL_SETTINGS[front]}
-    for name, value in wanted.items():
-        os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in wanted}
+    return {name: os.environ.get(name, value) for name, value in wanted.items()}
+
+
+def apply_front(front: str) -> dict[str, str]:
+    """Put `front_variables(front)` in this process's environment, for the one-machine Ray
+    instance it starts (a variable the operator set is left as it is); returns them."""
+    variables = front_variables(front)
+    os.environ.update(variables)
+    return variables
 
 
 def add_front_option(parser: argparse.ArgumentParser) -> None:

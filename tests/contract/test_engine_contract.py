@@ -74,6 +74,12 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         h.loop.close()
 
 
+def _vllm_only(harness: Harness, why: str) -> None:
+    """Skip a test of a vLLM fault that the fake engine cannot have."""
+    if type(harness.engine).__name__ != "VLLMEngine":
+        pytest.skip(why)
+
+
 def _sse_payloads(items: list[Head | bytes | Usage]) -> list[str]:
     data = b"".join(i for i in items if isinstance(i, bytes)).decode()
     assert data.endswith("\n\n")
@@ -202,8 +208,7 @@ def _tool_parsers_alive() -> int:
 def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
     """vLLM's Mistral tool parser forms a reference cycle through ijson that the garbage
     collector cannot free; the engine breaks it when a request ends (else +70 KiB a request)."""
-    if type(harness.engine).__name__ != "VLLMEngine":
-        pytest.skip("only vLLM makes tool parsers")
+    _vllm_only(harness, "only vLLM makes tool parsers")
     body = {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 3}
     harness.collect(Route.CHAT, body)
     before = _tool_parsers_alive()
@@ -243,8 +248,7 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
 def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harness) -> None:
     """A request cancelled while it is sent to vLLM's engine core (a send waits when the socket
     is full) must not stay registered: it would count as in flight for ever."""
-    if type(harness.engine).__name__ != "VLLMEngine":
-        pytest.skip("only vLLM hands requests to an engine core process")
+    _vllm_only(harness, "only vLLM hands requests to an engine core process")
     core = harness.engine._client.engine_core  # type: ignore[attr-defined]
 
     async def go() -> None:
@@ -295,8 +299,7 @@ async def _released_within(engine: Engine, seconds: float, what: str) -> None:
 def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness) -> None:
     """vLLM 0.32 rebuilds its tool parser's special-token table (about a thousand regexes for
     Mistral's tokenizers) for every chat request; the engine keeps one per tokenizer."""
-    if type(harness.engine).__name__ != "VLLMEngine":
-        pytest.skip("only vLLM makes tool parsers")
+    _vllm_only(harness, "only vLLM makes tool parsers")
     module = importlib.import_module("vllm.parser.engine.streaming_parser_engine")
     build = module._build_drop_info
     tables: list[Any] = []

@@ -46,14 +46,13 @@ def _settled(app: RunningApp) -> Scrape:
     for _ in range(20):
         time.sleep(2.5)
         now = scrape(app.metrics_urls())
-        names = (
-            REQUESTS,
-            "ray_mistral_serve_completion_tokens_total",
-            "ray_mistral_serve_prompt_tokens_total",
-        )
-        if all(now.total(n, model=MODEL) == last.total(n, model=MODEL) for n in names) and now.total(
-            VLLM_TOKENS, model_name=MODEL
-        ) == last.total(VLLM_TOKENS, model_name=MODEL):
+        counters = [
+            (REQUESTS, {"model": MODEL}),
+            ("ray_mistral_serve_completion_tokens_total", {"model": MODEL}),
+            ("ray_mistral_serve_prompt_tokens_total", {"model": MODEL}),
+            (VLLM_TOKENS, {"model_name": MODEL}),
+        ]
+        if all(now.total(name, **labels) == last.total(name, **labels) for name, labels in counters):
             return now
         last = now
     return last

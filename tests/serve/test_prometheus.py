@@ -7,6 +7,7 @@ The model is the fake engine, whose latencies are set: 0.3 s to the first token,
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from serve_app.dashboard import DEFAULT_DASHBOARD, load_dashboard, panels, substitute
+from serve_app.telemetry import TTFT_BUCKETS
 from tests.conftest import ROOT
 from tests.serve.conftest import RunningApp, free_port
 
@@ -115,7 +117,10 @@ def _value(url: str, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def _stream(url: str) -> None:
+def _stream(url: str) -> float:
+    """Stream one chat completion; the seconds this client waited for its first chunk."""
+    start = time.perf_counter()
+    first: float | None = None
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "hello"}],
@@ -124,8 +129,21 @@ def _stream(url: str) -> None:
     }
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
-        for _ in resp.iter_lines():
-            pass
+        for line in resp.iter_lines():
+            if first is None and line.startswith("data:"):
+                first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+def _quantile_bound(seen_s: list[float], q: float) -> float:
+    """The highest TTFT quantile `q` that the gateway's histogram can report for these requests.
+
+    The gateway times each request inside the client's own wait, so its q-th value is at most
+    the clients' q-th value; `histogram_quantile` answers within the bucket holding that value.
+    """
+    nth = sorted(seen_s)[math.ceil(q * len(seen_s)) - 1]
+    return min(b for b in TTFT_BUCKETS if b >= nth)
 
 
 def _dashboard_expr(title: str, row: str) -> str:
@@ -140,20 +158,22 @@ def test_prometheus_answers_with_the_values_the_traffic_implies(prometheus: str,
     # Prometheus finds Ray's endpoint and scrapes it.
     _wait(lambda: _value(prometheus, 'up{job="ray"} == 1'), 60, "Prometheus never scraped Ray")
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: _stream(observed_url), range(REQUESTS)))
+        seen = list(pool.map(lambda _: _stream(observed_url), range(REQUESTS)))
+    # The engine holds each request TTFT_S; what a loaded machine adds widens the bound.
+    ttft_bound = _quantile_bound(seen, 0.95)
 
     requests = f'sum(ray_mistral_serve_requests_total{{model="{MODEL}",status="200"}})'
     _wait(lambda: _value(prometheus, requests) == REQUESTS, 60, "Prometheus never saw all the requests")
     tokens = _value(prometheus, f'sum(ray_mistral_serve_completion_tokens_total{{model="{MODEL}"}})')
     assert tokens == REQUESTS * MAX_TOKENS
 
-    # Quantiles come from histogram buckets: the set latencies fall in one bucket each.
+    # Quantiles come from histogram buckets, so they are checked against bucket bounds.
     ttft_p95 = _value(
         prometheus,
         "histogram_quantile(0.95, sum by (le) "
         f'(ray_mistral_serve_time_to_first_token_seconds_bucket{{model="{MODEL}"}}))',
     )
-    assert ttft_p95 is not None and TTFT_S <= ttft_p95 <= 0.4, ttft_p95
+    assert ttft_p95 is not None and TTFT_S <= ttft_p95 <= ttft_bound, (ttft_p95, sorted(seen))
     tpot_p50 = _value(
         prometheus,
         "histogram_quantile(0.5, sum by (le) "
@@ -165,7 +185,7 @@ def test_prometheus_answers_with_the_values_the_traffic_implies(prometheus: str,
     per_model = _query(prometheus, _dashboard_expr("Time to first token (gateway)", "Latency"))
     by_model = {r["metric"].get("model"): float(r["value"][1]) for r in per_model}
     p95 = [v for k, v in by_model.items() if k == MODEL]
-    assert p95 and TTFT_S <= p95[0] <= 0.4, per_model
+    assert p95 and TTFT_S <= p95[0] <= ttft_bound, (per_model, sorted(seen))
 
 
 DOCS = ROOT / "docs"

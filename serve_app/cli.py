@@ -24,7 +24,7 @@ from typing import Any
 from serve_app.auth import check_exposure, hash_key
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
 from serve_app.front import HAPROXY_NOTE, add_front_option, apply_front
-from serve_app.processes import descendants, stop_local_ray
+from serve_app.processes import descendants, start_reaper, stop_local_ray
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 
@@ -87,7 +87,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    # Ctrl-C stops the app, as it says, even when a launcher started us with SIGINT ignored
+    # (a shell's background job, some CI runners): Python keeps an ignored SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_stop)
+    # If this process is killed outright, Ray's own processes go with it, but not what Ray's
+    # workers started (HAProxy, which would keep the port); the sidecar stops those.
+    reaper = start_reaper()
     started = time.monotonic()
     owned: set[int] = set()
     try:
@@ -140,7 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         print("\nStopping...", flush=True)
     finally:
-        left = stop_local_ray(owned)
+        left = stop_local_ray(owned, keep=frozenset({reaper.pid}))
+        reaper.terminate()
+        reaper.wait()
         if left:
             print(f"Stopped {left} process(es) that outlived Ray's shutdown.")
         print("Stopped.", flush=True)

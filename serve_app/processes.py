@@ -41,13 +41,13 @@ def kill_leftovers(pids: set[int], grace_s: float = 5.0) -> int:
     return len(alive)
 
 
-def stop_local_ray(owned: set[int]) -> int:
+def stop_local_ray(owned: set[int], keep: frozenset[int] = frozenset()) -> int:
     """Shut Serve and this process's Ray down, then kill whatever of `owned` (and of our
-    descendants now) outlived them; return how many had to be killed."""
+    descendants now, but `keep`) outlived them; return how many had to be killed."""
     import ray
     from ray import serve
 
-    owned = owned | descendants()
+    owned = (owned | descendants()) - keep
     try:
         if ray.is_initialized():
             serve.shutdown()

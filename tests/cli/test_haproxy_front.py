@@ -1,6 +1,6 @@
 """`serve_app run --front haproxy`: HAProxy in front of ingress replicas that serve HTTP
 themselves (Ray Serve's direct ingress). Streams work through it, the replicas listen on
-loopback only, and Ctrl-C stops HAProxy with everything else."""
+loopback only, and Ctrl-C stops HAProxy with everything else, as does killing the command."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 import yaml
 
 from tests.cli.conftest import served
@@ -123,3 +124,20 @@ def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
         direct = [(ip, p) for ip, p in _listening(ingress) if DIRECT_PORTS[0] <= p < DIRECT_PORTS[1]]
         assert len(direct) == 2, _listening(ingress)
         assert all(ip == "127.0.0.1" for ip, _ in direct), direct
+
+
+def test_a_killed_run_leaves_no_haproxy_behind(tmp_path: Path) -> None:
+    """Killing `run` outright takes Ray's processes with it (Ray ties them to their driver),
+    but not HAProxy, which a Ray worker starts: the run's sidecar must stop it."""
+    port = free_port()
+    config = _config(tmp_path / "serve.yaml", port)
+    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"]
+    with served(command, STARTUP_TIMEOUT_S, kill=True) as run:
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
+        assert models.status_code == 200
+        time.sleep(3)  # HAProxy reloads as replicas come up: see the last one
+        seen = run.look()
+        assert any("haproxy" in cmd.split(" ")[0] for cmd in seen.values()), seen
+    # `served` checked that nothing it saw outlived the command; the port is closed too.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)

@@ -221,9 +221,12 @@ def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
 def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> None:
     """Serve cancels a replica's task wherever it waits when the client leaves: before the
     engine has the request, while it is handed over, or mid-stream. None may stay behind."""
-    # Loop turns reach the early awaits one by one; delays reach the stream.
+    # Loop turns reach the early awaits one by one; delays reach the stream; the last request
+    # is cancelled once it streams, however long a busy machine takes to get there.
+    STREAMING = -1.0
     waits: list[tuple[int, float]] = [(turns, 0.0) for turns in range(40)]
     waits += [(0, ms / 1000) for ms in range(2, 200, 10)]
+    waits += [(0, STREAMING)]
     reached: set[str] = set()
 
     async def go() -> None:
@@ -233,7 +236,12 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
             task = asyncio.ensure_future(_drain(body, items))
             for _ in range(turns):
                 await asyncio.sleep(0)
-            if delay_s:
+            if delay_s == STREAMING:
+                for _ in range(3000):  # 30 s at most
+                    if len(items) > 1:
+                        break
+                    await asyncio.sleep(0.01)
+            elif delay_s:
                 await asyncio.sleep(delay_s)
             reached.add(
                 "streaming" if len(items) > 1 else "held" if harness.engine.stats().in_flight else "early"

@@ -72,7 +72,7 @@ def test_every_route_needs_a_key(secure_url: str, method: str, path: str, body: 
 
 
 def test_health_stays_open(secure_url: str) -> None:
-    assert httpx.get(secure_url + "/health").status_code == 200
+    assert httpx.get(secure_url + "/health", timeout=60).status_code == 200
 
 
 def test_cors_only_for_configured_origins(secure_url: str, local_app: RunningApp) -> None:
@@ -87,5 +87,5 @@ def test_cors_only_for_configured_origins(secure_url: str, local_app: RunningApp
     )
     assert other.headers.get("access-control-allow-origin") is None
     # The app without CORS configured sends no CORS header at all.
-    plain = httpx.get(local_app.url + "/v1/models", headers={"Origin": "https://app.example.com"})
+    plain = httpx.get(local_app.url + "/v1/models", headers={"Origin": "https://app.example.com"}, timeout=60)
     assert "access-control-allow-origin" not in plain.headers

@@ -1,4 +1,9 @@
-"""Clients that leave free their engine requests within a second, streaming or not."""
+"""Clients that leave free their engine requests, streaming or not.
+
+The release time is printed as a figure (about 0.1 s here). The bound asserted is wide enough
+for a loaded machine, and far below the tens of seconds the 3000-token requests would take to
+finish by themselves, so a request the engine kept still fails the test.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from tests.serve.conftest import RunningApp
 
 MODEL = "tiny-mistral-v3"
 STREAMS = 24
+RELEASED_WITHIN_S = 5.0
 
 
 def _long(stream: bool) -> dict[str, object]:
@@ -36,7 +42,7 @@ def _drained_within(app: RunningApp, timeout_s: float) -> float:
         time.sleep(0.02)
 
 
-def test_many_streams_left_at_once_free_the_engine_within_a_second(local_app: RunningApp) -> None:
+def test_many_streams_left_at_once_free_the_engine(local_app: RunningApp) -> None:
     assert local_app.engine_stats(MODEL) == 0
     opened = threading.Barrier(STREAMS + 1)
     leave = threading.Event()
@@ -62,17 +68,18 @@ def test_many_streams_left_at_once_free_the_engine_within_a_second(local_app: Ru
             leave.set()
         for f in futures:
             f.result()
-    took = _drained_within(local_app, 1.0)
+    took = _drained_within(local_app, RELEASED_WITHIN_S)
     print(f"\n{STREAMS} streams left at once: engine empty {took * 1000:.0f} ms after the last close")
 
 
 def test_non_streaming_clients_that_leave_free_the_engine(local_app: RunningApp) -> None:
     assert local_app.engine_stats(MODEL) == 0
     with ThreadPoolExecutor(8) as pool:
-        # A client that stops waiting after 2 s: httpx closes the connection on the timeout.
+        # A client that stops waiting after 4 s (time for all 8 to reach the engine on a busy
+        # machine): httpx closes the connection on the timeout.
         def ask(_: int) -> None:
             try:
-                httpx.post(f"{local_app.url}/v1/chat/completions", json=_long(False), timeout=2.0)
+                httpx.post(f"{local_app.url}/v1/chat/completions", json=_long(False), timeout=4.0)
             except httpx.TimeoutException:
                 return
             raise AssertionError("the request finished before the client left")
@@ -84,5 +91,5 @@ def test_non_streaming_clients_that_leave_free_the_engine(local_app: RunningApp)
             time.sleep(0.05)
         for f in futures:
             f.result()
-    took = _drained_within(local_app, 1.0)
+    took = _drained_within(local_app, RELEASED_WITHIN_S)
     print(f"\n8 non-streaming clients left: engine empty {took * 1000:.0f} ms after the last timeout")

@@ -223,10 +223,16 @@ def test_request_id_is_kept_and_logged_without_the_prompt(local_app: RunningApp)
     assert entry["completion_tokens"] == 4 and entry["prompt_tokens"] > 0
     assert entry["cancelled"] is False and entry["duration_s"] > 0
     assert "request" not in entry and "response" not in entry
-    # Ray Serve's own log lines of both hops (ingress and model replica) carry the id too.
-    files = {name for name, _ in _log_lines(local_app.session_dir, request_id)}
-    assert any(name.startswith("replica_mistral_OpenAIIngress") for name in files), files
-    assert any(name.startswith("replica_mistral_tiny-mistral-v3") for name in files), files
+
+    # Ray Serve's own log lines of both hops (ingress and model replica) carry the id too;
+    # each replica writes its file on its own schedule.
+    def hops() -> set[str]:
+        files = {name for name, _ in _log_lines(local_app.session_dir, request_id)}
+        ingress = any(name.startswith("replica_mistral_OpenAIIngress") for name in files)
+        model = any(name.startswith("replica_mistral_tiny-mistral-v3") for name in files)
+        return files if ingress and model else set()
+
+    assert wait_for_value(hops), {name for name, _ in _log_lines(local_app.session_dir, request_id)}
     assert not _log_lines(local_app.session_dir, secret), "prompt text reached the logs"
 
 

@@ -116,12 +116,12 @@ def test_models_list_and_get(client: openai.OpenAI, local_app: RunningApp) -> No
     assert ids == {"tiny-mistral-v3", "mistral-7b-demo", "tiny-mistral-tekken", "mistral-nemo-demo"}
     model = client.models.retrieve("tiny-mistral-tekken")
     assert model.id == "tiny-mistral-tekken"
-    raw = httpx.get(f"{local_app.url}/v1/models/tiny-mistral-tekken").json()
+    raw = httpx.get(f"{local_app.url}/v1/models/tiny-mistral-tekken", timeout=60).json()
     assert raw["max_model_len"] == 4096
     assert raw["aliases"] == ["mistral-nemo-demo"]
     assert raw["owned_by"] == "mistral-serve" and raw["object"] == "model"
     assert abs(raw["created"] - time.time()) < 3600
-    alias = httpx.get(f"{local_app.url}/v1/models/mistral-nemo-demo").json()
+    alias = httpx.get(f"{local_app.url}/v1/models/mistral-nemo-demo", timeout=60).json()
     assert alias["root"] == "tiny-mistral-tekken" and alias["aliases"] == ["tiny-mistral-tekken"]
 
 
@@ -129,7 +129,7 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, local_app: 
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="mistral-huge", messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
     assert err.value.status_code == 404
-    resp = httpx.get(f"{local_app.url}/v1/models/mistral-huge")
+    resp = httpx.get(f"{local_app.url}/v1/models/mistral-huge", timeout=60)
     assert resp.status_code == 404
     assert resp.json() == {
         "error": {
@@ -160,7 +160,10 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, local_app: 
 )
 def test_malformed_body_is_400_in_openai_shape(local_app: RunningApp, body: bytes, param: str | None) -> None:
     resp = httpx.post(
-        f"{local_app.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        f"{local_app.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
     )
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
@@ -175,6 +178,7 @@ def test_request_id_is_kept_and_returned(local_app: RunningApp) -> None:
         f"{local_app.url}/v1/chat/completions",
         json={"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 2},
         headers={"X-Request-Id": "req-test-42"},
+        timeout=60,
     )
     assert resp.status_code == 200
     assert resp.headers["x-request-id"] == "req-test-42"
@@ -182,12 +186,12 @@ def test_request_id_is_kept_and_returned(local_app: RunningApp) -> None:
 
 
 def test_health(local_app: RunningApp) -> None:
-    resp = httpx.get(f"{local_app.url}/health")
+    resp = httpx.get(f"{local_app.url}/health", timeout=60)
     assert resp.status_code == 200 and resp.json() == {"status": "ok"}
 
 
 def test_unknown_route_is_404_in_openai_shape(local_app: RunningApp) -> None:
-    resp = httpx.get(f"{local_app.url}/v1/nothing-here")
+    resp = httpx.get(f"{local_app.url}/v1/nothing-here", timeout=60)
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == 404
 

@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "==> Creating $(VENV) and installing mistral-serve with $(VLLM_SPEC) (a few minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar off "$(VLLM_SPEC)" -e ".[test]"
+	$(PY) -m pip install --progress-bar off "$(VLLM_SPEC)" -e ".[test,tools]"
 	@# PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch; beside the CPU
 	@# torch they break transformers' imports. Nothing here needs them: drop them then.
 	@$(PY) -c "import torchvision" >/dev/null 2>&1 || { \
@@ -42,14 +42,14 @@ $(STAMP): pyproject.toml Makefile
 
 models: $(DEMO_MODELS)
 
-$(DEMO_MODELS) &: $(STAMP) serve_app/demo_models.py
+$(DEMO_MODELS) &: $(STAMP) serve_app/models/demo.py
 	$(PY) -m serve_app models $(MODELS_DIR)
 
 run: install models
 	$(PY) -m serve_app run $(CONFIG) $(RUN_ARGS)
 
 bench: install models
-	$(PY) -m serve_app.bench $(BENCH_ARGS)
+	$(PY) -m serve_app.tools.bench $(BENCH_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)
@@ -84,7 +84,7 @@ docs-pictures: install models tools
 
 # Minutes of mixed traffic at 64 clients against configs/local.yaml: errors and memory.
 soak: install models
-	$(PY) -m serve_app.soak $(SOAK_ARGS)
+	$(PY) -m serve_app.tools.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

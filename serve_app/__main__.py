@@ -1,5 +1,5 @@
 import sys
 
-from serve_app.cli import main
+from serve_app.local.cli import main
 
 sys.exit(main())

@@ -1,12 +1,15 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
 
 The error types follow vLLM's OpenAI server, so clients see the same shape and the same
-`type` from us as from `vllm serve`; the HTTP status always equals `error.code`.
+`type` from us as from `vllm serve`; the HTTP status always equals `error.code`. Every room
+raises `ApiError` (or a subclass) for what the client did wrong or must retry; the ingress
+turns it into the HTTP answer at the edge.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from http import HTTPStatus
 
 _TYPES = {
@@ -34,3 +37,25 @@ def error_body(status: int, message: str, *, param: str | None = None, err_type:
         "code": status,
     }
     return json.dumps({"error": error}).encode()
+
+
+class ApiError(Exception):
+    """A request answered with an OpenAI error; `message`, `param` and `headers` are for the client."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The OpenAI error body of the response."""
+        return error_body(self.status, self.message, param=self.param)

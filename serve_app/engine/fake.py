@@ -13,17 +13,19 @@ Use it with `engine: fake` in a model config; `engine_args` then takes FakeEngin
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve_app.config import ModelConfig
+from serve_app.config import ConfigError, ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
-from serve_app.limits import InputError, check_request
+from serve_app.guards.limits import InputError, check_request
 
 
 class FakeEngineArgs(BaseModel):
@@ -36,6 +38,42 @@ class FakeEngineArgs(BaseModel):
     max_num_seqs: int = Field(8, ge=1, description="Requests generated at once; more wait.")
     max_model_len: int = Field(4096, ge=16, description="Context length: prompt + max_tokens.")
     startup_s: float = Field(0.0, ge=0, description="Seconds start() takes (a model load).")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="Which waiting request gets a free slot: the oldest (fcfs), or the one with the "
+        "lowest `priority`, then the oldest (priority), as vLLM's scheduling_policy.",
+    )
+
+
+class _Slots:
+    """`max_num_seqs` generation slots; waiting requests get them in the scheduling policy's order."""
+
+    def __init__(self, slots: int, by_priority: bool) -> None:
+        self._free = slots
+        self._by_priority = by_priority
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority if self._by_priority else 0, next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # given a slot just as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            *_, granted = heapq.heappop(self._waiting)
+            if not granted.done():  # skip those cancelled while waiting
+                granted.set_result(None)
+                return
+        self._free += 1
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -63,17 +101,17 @@ class FakeEngine(Engine):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.args = FakeEngineArgs.model_validate(config.engine_args)
-        self._slots = asyncio.Semaphore(self.args.max_num_seqs)
+        self._slots = _Slots(self.args.max_num_seqs, self.args.scheduling_policy == "priority")
         self._in_flight = 0
         self._running = 0
         self._started = False
 
-    @staticmethod
-    def validate(config: ModelConfig) -> None:
+    @classmethod
+    def validate(cls, config: ModelConfig) -> None:
         try:
             FakeEngineArgs.model_validate(config.engine_args)
         except ValidationError as exc:
-            raise ValueError(f"model '{config.id}': engine_args: {exc}") from None
+            raise ConfigError(f"model '{config.id}': engine_args: {exc}") from None
 
     async def start(self) -> None:
         await asyncio.sleep(self.args.startup_s)
@@ -136,6 +174,7 @@ class FakeEngine(Engine):
             return
         try:
             req, prompt_tokens, max_tokens = self._parse(route, body)
+            priority = _int_field(req, "priority", 0) or 0
             check_request(route.value, req, self.limits, self.args.max_model_len)
         except _BadRequest as exc:
             yield Head(400, error_body(400, str(exc), param=exc.param))
@@ -145,13 +184,14 @@ class FakeEngine(Engine):
             return
         self._in_flight += 1
         try:
-            async with self._slots:
-                self._running += 1
-                try:
-                    async for item in self._generate(route, req, request_id, prompt_tokens, max_tokens):
-                        yield item
-                finally:
-                    self._running -= 1
+            await self._slots.acquire(priority)
+            self._running += 1
+            try:
+                async for item in self._generate(route, req, request_id, prompt_tokens, max_tokens):
+                    yield item
+            finally:
+                self._running -= 1
+                self._slots.release()
         finally:
             self._in_flight -= 1
 

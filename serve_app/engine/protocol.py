@@ -76,8 +76,13 @@ class Engine(ABC):
         from serve_app.config import RequestLimits
 
         self.config = config
-        # Bounds a request must keep to (serve_app.limits), checked before any engine work.
+        # Bounds a request must keep to (serve_app.guards.limits), checked before any engine work.
         self.limits = RequestLimits()
+
+    @classmethod
+    @abstractmethod
+    def validate(cls, config: ModelConfig) -> None:
+        """Raise ConfigError if `config` cannot run on this engine (checked when the app is built)."""
 
     @abstractmethod
     async def start(self) -> None:

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import yaml
 
+from serve_app.local.launcher import free_port
 from tests.cli.conftest import served
-from tests.serve.conftest import free_port
 
 STARTUP_TIMEOUT_S = 240
 DIRECT_PORTS = (30000, 31000)  # Ray Serve's RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_HTTP_PORT defaults
@@ -46,7 +46,7 @@ def _config(path: Path, port: int) -> Path:
             {
                 "name": "mistral",
                 "route_prefix": "/",
-                "import_path": "serve_app.builder:build_app",
+                "import_path": "serve_app.serving.builder:build_app",
                 "args": {"models": [model, slow], "ingress": {"num_replicas": 2, "num_cpus": 0}},
             }
         ],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from serve_app.local.launcher import free_port
 from tests.cli.conftest import served
-from tests.serve.conftest import free_port
 
 STARTUP_TIMEOUT_S = 420
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.processes import kill_leftovers
+from serve_app.local.processes import kill_leftovers
 
 # What Ray's missing fake_multi_node/example.yaml holds: a cluster config with no setup steps.
 BASE_CONFIG: dict[str, Any] = {

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from serve_app.config import load_app_config, load_serve_file
+from serve_app.local.launcher import free_port
 from tests.cluster.conftest import APP, SERVE_API_LOCK, ReplicaTrace, wait_for
 from tests.conftest import ROOT
-from tests.serve.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("gpu_cluster")
 
@@ -66,7 +66,7 @@ def fake_model(
 def deploy(models: list[dict[str, Any]]) -> None:
     from ray import serve
 
-    from serve_app.builder import build_openai_app
+    from serve_app.serving.builder import build_openai_app
 
     config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
     with SERVE_API_LOCK:
@@ -331,7 +331,7 @@ def test_load_step_picture(url: str, tmp_path: Path) -> None:
     """The load-step script against the cluster: it sees the scale-up and draws it.
 
     With MISTRAL_SERVE_DOCS=1 the picture is written to docs/ for the README."""
-    from serve_app.loadstep import plot, run_load_step
+    from serve_app.tools.loadstep import plot, run_load_step
 
     deploy(
         [fake_model("picture", autoscaling={"min_replicas": 1, "max_replicas": 4, "downscale_delay_s": 8})]

@@ -62,7 +62,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
             ModelConfig(id="tiny-mistral-v3", source="none", engine="fake", engine_args={"tokens_per_s": 200})
         )
     else:
-        from serve_app.engine.vllm_engine import VLLMEngine
+        from serve_app.engine.vllm.engine import VLLMEngine
 
         engine = VLLMEngine(_vllm_model())
     h = Harness(engine)

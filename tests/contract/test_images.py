@@ -46,7 +46,7 @@ def _chat(*urls: str, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pixtral() -> Iterator[Harness]:
-    from serve_app.engine.vllm_engine import VLLMEngine
+    from serve_app.engine.vllm.engine import VLLMEngine
 
     old = os.environ.get("PYTHONPATH")
     # The shim is needed here (vLLM inspects the model in this process too) and in every
@@ -65,7 +65,7 @@ def pixtral() -> Iterator[Harness]:
         },
         media={"allowed_remote_hosts": ["images.example.com"]},
     )
-    from serve_app.builder import resolve_model
+    from serve_app.serving.builder import resolve_model
 
     harness = Harness(VLLMEngine(resolve_model(config)))
     try:

@@ -50,8 +50,8 @@ def run_checks() -> dict[str, Any]:
     import vllm
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

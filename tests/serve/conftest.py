@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,17 +11,10 @@ import pytest
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
 from serve_app.engine.protocol import EngineStats
-from serve_app.front import DEFAULT_FRONT, apply_front
-from serve_app.processes import descendants, kill_leftovers
+from serve_app.local.launcher import LocalServe, free_port
 from tests.conftest import ROOT
 
 APP_NAME = "mistral"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -60,44 +51,19 @@ class RunningApp:
 
 @pytest.fixture(scope="package")
 def local_app() -> Iterator[RunningApp]:
-    """configs/local.yaml served on a free loopback port; stopped with every process it made."""
-    import ray
-    from ray import serve
-
-    from serve_app.builder import build_openai_app
+    """configs/local.yaml served on a free loopback port by the launcher `serve_app run` uses;
+    stopped with every process it made."""
+    from serve_app.serving.builder import build_openai_app
 
     config = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
-    port = free_port()
-    owned: set[int] = set()
     # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 (Ray's own spelling)
-    apply_front(DEFAULT_FRONT)  # as `serve_app run` starts Ray
-    dashboard_port = free_port()
-    context = ray.init(
-        _node_ip_address="127.0.0.1",
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        log_to_driver=False,
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_openai_app(config), name=APP_NAME, route_prefix="/")
-        owned |= descendants()
+    metrics_env = {"RAY_metrics_report_interval_ms": "1000"}
+    with LocalServe(dashboard_port=free_port(), env=metrics_env) as local:
+        local.deploy(build_openai_app(config), APP_NAME)
+        assert local.session_dir is not None and local.dashboard_url is not None
         yield RunningApp(
-            url=f"http://127.0.0.1:{port}",
-            config=config,
-            session_dir=Path(context.address_info["session_dir"]),
-            dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+            url=local.url, config=config, session_dir=local.session_dir, dashboard_url=local.dashboard_url
         )
-    finally:
-        owned |= descendants()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            kill_leftovers(owned)
-            os.environ.pop("RAY_metrics_report_interval_ms", None)
 
 
 IDLE_WITHIN_S = 5.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.auth import hash_key
+from serve_app.guards.auth import hash_key
 from tests.serve.conftest import RunningApp
 
 PREFIX = "/secure"
@@ -19,8 +19,8 @@ def secure_url(local_app: RunningApp, tmp_path_factory: pytest.TempPathFactory) 
     """A second application (fake-engine model) with keys from the config and from a file."""
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     keyfile: Path = tmp_path_factory.mktemp("keys") / "api_keys"
     keyfile.write_text("file-key\n")

@@ -17,8 +17,8 @@ PREFIX = "/small"
 def small_url(local_app: RunningApp) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     model = {
         "id": "narrow",

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.loadstep import ray_auth_headers
+from serve_app.local.ray_token import auth_headers
 from tests.serve.conftest import APP_NAME, RunningApp
 
 MODEL = "tiny-mistral-v3"
@@ -107,7 +107,7 @@ CORPUS: list[tuple[str, str, bytes, dict[str, str], int]] = [
 
 def _replicas(app: RunningApp) -> dict[str, list[str]]:
     data = httpx.get(
-        f"{app.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+        f"{app.dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=30
     ).json()
     deployments = data["applications"][APP_NAME]["deployments"]
     return {name: sorted(r["replica_id"] for r in d["replicas"]) for name, d in deployments.items()}

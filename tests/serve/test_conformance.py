@@ -22,9 +22,10 @@ import httpx
 import openai
 import pytest
 
-from serve_app.vllm_cli import vllm_serve_args
+from serve_app.local.launcher import free_port
+from serve_app.tools.bench.vllm_cli import vllm_serve_args
 from tests.conftest import ROOT
-from tests.serve.conftest import RunningApp, free_port
+from tests.serve.conftest import RunningApp
 
 MODEL = "tiny-mistral-v3"
 MSG = [{"role": "user", "content": "Name three French painters."}]

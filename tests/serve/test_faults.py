@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.loadstep import ray_auth_headers
+from serve_app.local.ray_token import auth_headers
 from tests.conftest import ROOT
 from tests.serve.conftest import RunningApp
 
@@ -32,8 +32,8 @@ def faulty_url(local_app: RunningApp) -> Iterator[str]:
     """Two replicas of the demo vLLM model, health-checked every 2 s."""
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     model = {
         "id": MODEL,
@@ -64,7 +64,7 @@ def faulty_url(local_app: RunningApp) -> Iterator[str]:
 
 def _replicas(app: RunningApp) -> list[dict[str, Any]]:
     data = httpx.get(
-        f"{app.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+        f"{app.dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=30
     ).json()
     return list(data["applications"][APP]["deployments"][MODEL]["replicas"])
 

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.dashboard import DEFAULT_DASHBOARD, dashboard_metric_names, load_dashboard
-from serve_app.loadstep import ray_auth_headers
-from serve_app.soak import sse_events
+from serve_app.local.ray_token import auth_headers
+from serve_app.tools.dashboard import DEFAULT_DASHBOARD, dashboard_metric_names, load_dashboard
+from serve_app.tools.load import sse_events
 from tests.serve.conftest import APP_NAME, RunningApp
 from tests.support.prom import Scrape, scrape, wait_for
 
@@ -176,9 +176,7 @@ def test_dashboard_queries_name_only_exported_metrics(traffic: dict[str, Any]) -
 
 
 def test_ray_dashboard_shows_the_application(local_app: RunningApp) -> None:
-    resp = httpx.get(
-        f"{local_app.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
-    )
+    resp = httpx.get(f"{local_app.dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=30)
     assert resp.status_code == 200
     app = resp.json()["applications"][APP_NAME]
     assert app["status"] == "RUNNING"

@@ -20,10 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.dashboard import DEFAULT_DASHBOARD, load_dashboard, panels, substitute
-from serve_app.telemetry import TPOT_BUCKETS, TTFT_BUCKETS
+from serve_app.local.launcher import free_port
+from serve_app.serving.telemetry import TPOT_BUCKETS, TTFT_BUCKETS
+from serve_app.tools.dashboard import DEFAULT_DASHBOARD, load_dashboard, panels, substitute
 from tests.conftest import ROOT
-from tests.serve.conftest import RunningApp, free_port
+from tests.serve.conftest import RunningApp
 
 PREFIX = "/observed"
 MODEL = "observed-fake"
@@ -34,8 +35,8 @@ TTFT_S, TOKENS_PER_S, MAX_TOKENS, REQUESTS = 0.3, 50.0, 10, 24
 def observed_url(local_app: RunningApp) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     model = {
         "id": MODEL,
@@ -228,9 +229,9 @@ def _screenshot_serve_page(dashboard_url: str, out: Path) -> None:
     """The Ray dashboard's Serve page in headless Chromium, signed in with Ray's token."""
     from playwright.sync_api import sync_playwright
 
-    from serve_app.loadstep import ray_auth_headers
+    from serve_app.local.ray_token import auth_headers
 
-    token = ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
+    token = auth_headers().get("Authorization", "").removeprefix("Bearer ")
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=shutil.which("chromium") or "/usr/bin/chromium",
@@ -262,7 +263,7 @@ def _screenshot_serve_page(dashboard_url: str, out: Path) -> None:
 def test_docs_pictures(local_app: RunningApp, prometheus: str, observed_url: str) -> None:
     """A few minutes of mixed traffic on the demo models, then the pictures of the README:
     the dashboard's panels rendered from this Prometheus, and the Ray dashboard's Serve page."""
-    from serve_app.dashboard import render
+    from serve_app.tools.dashboard import render
 
     start = time.time()
     for concurrency in (2, 8, 16, 4):

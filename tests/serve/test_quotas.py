@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.auth import hash_key
+from serve_app.guards.auth import hash_key
 from tests.serve.conftest import RunningApp
 
 PREFIX = "/limited"
@@ -20,8 +20,8 @@ PREFIX = "/limited"
 def limited_url(local_app: RunningApp) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.builder import build_openai_app
     from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
 
     def fake(model_id: str, tokens_per_s: float) -> dict[str, Any]:
         return {

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.auth import KeyChecker, check_exposure, hash_key
-from serve_app.cli import main as cli
 from serve_app.config import AuthOptions, ConfigError
+from serve_app.guards.auth import KeyChecker, check_exposure, hash_key
+from serve_app.local.cli import main as cli
 
 
 def test_hash_key_form() -> None:
@@ -82,7 +82,7 @@ def test_cli_refuses_an_open_config_beyond_loopback(
         "applications": [
             {
                 "name": "x",
-                "import_path": "serve_app.builder:build_app",
+                "import_path": "serve_app.serving.builder:build_app",
                 "args": {"models": [{"id": "m", "source": "x", "engine": "fake"}]},
             }
         ],

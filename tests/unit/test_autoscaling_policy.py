@@ -10,7 +10,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from serve_app.autoscaling import KV_CACHE, RUNNING, WAITING, LLMAutoscalingPolicy, desired_replicas
+from serve_app.serving.autoscaling import KV_CACHE, RUNNING, WAITING, LLMAutoscalingPolicy, desired_replicas
 
 TARGET = 48.0
 

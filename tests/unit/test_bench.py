@@ -1,4 +1,5 @@
-"""The benchmark's pure parts: the `vllm serve` command line, percentiles, summaries, the table."""
+"""The benchmark's pure parts: the `vllm serve` command line, percentiles, summaries, the table,
+process labels."""
 
 from __future__ import annotations
 
@@ -7,19 +8,13 @@ import sys
 
 import pytest
 
-from serve_app.bench import (
-    RequestResult,
-    busiest,
-    compare,
-    format_table,
-    make_prompt,
-    parse_args,
-    percentile,
-    process_label,
-    summarize,
-)
 from serve_app.config import ModelConfig
-from serve_app.vllm_cli import vllm_serve_args
+from serve_app.local.processes import label_of
+from serve_app.tools.bench.cpu import busiest
+from serve_app.tools.bench.driver import make_prompt, parse_args
+from serve_app.tools.bench.report import compare, format_table, percentile, summarize
+from serve_app.tools.bench.vllm_cli import vllm_serve_args
+from serve_app.tools.load import Result
 
 
 def test_vllm_serve_args_flags() -> None:
@@ -73,10 +68,10 @@ def test_percentile_interpolates_between_ranks() -> None:
 
 def test_summary_counts_successful_tokens_over_wall_time() -> None:
     ok = [
-        RequestResult(0.0, 1.0, ttft_s=0.1, itl_s=[0.01, 0.03], prompt_tokens=124, completion_tokens=16),
-        RequestResult(0.0, 1.0, ttft_s=0.3, itl_s=[0.02], prompt_tokens=124, completion_tokens=16),
+        Result(0.0, 1.0, ttft_s=0.1, itl_s=[0.01, 0.03], prompt_tokens=124, completion_tokens=16),
+        Result(0.0, 1.0, ttft_s=0.3, itl_s=[0.02], prompt_tokens=124, completion_tokens=16),
     ]
-    bad = RequestResult(0.5, 0.1, error="HTTP 503: busy")
+    bad = Result(0.5, 0.1, error="HTTP 503: busy")
     s = summarize([*ok, bad, bad], wall_s=2.0, concurrency=2)
     assert s["requests"] == 4 and s["errors"] == 2 and s["error_kinds"] == {"HTTP 503: busy": 2}
     assert s["output_tokens"] == 32 and s["output_tok_s"] == 16.0 and s["requests_s"] == 1.0
@@ -130,13 +125,15 @@ def test_prompt_and_arguments() -> None:
 
 
 def test_process_labels_name_ray_workers_and_programs() -> None:
-    assert process_label(["ray::ServeReplica:bench:OpenAIIngress", ""]) == "ServeReplica:bench:OpenAIIngress"
-    assert process_label(["VLLM::EngineCore"]) == "VLLM::EngineCore"
-    assert process_label(["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]) == (
+    assert label_of(["ray::ServeReplica:bench:OpenAIIngress", ""]) == "ServeReplica:bench:OpenAIIngress"
+    assert label_of(["VLLM::EngineCore"]) == "VLLM::EngineCore"
+    assert label_of(["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]) == (
         "python3 -m vllm.entrypoints.openai.api_server"
     )
-    assert process_label(["/opt/haproxy", "-f", "x.cfg"]) == "haproxy"
-    assert process_label([]) == "?"
+    assert label_of(["/opt/haproxy", "-f", "x.cfg"]) == "haproxy"
+    assert label_of(["/venv/lib/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1"]) == "raylet"
+    assert label_of(["/venv/bin/python", "/venv/lib/ray/dashboard/dashboard.py", "--host=x"]) == "dashboard"
+    assert label_of([]) == "?"
 
 
 def test_busiest_ranks_processes_by_cpu_used_during_the_level() -> None:

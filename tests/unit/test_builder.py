@@ -5,9 +5,9 @@ from __future__ import annotations
 import ray
 from ray.serve import Application
 
-from serve_app.builder import INGRESS_NAME, build_app, build_openai_app
 from serve_app.config import load_app_config, load_serve_file
-from serve_app.server import ModelServer
+from serve_app.serving.builder import INGRESS_NAME, build_app, build_openai_app
+from serve_app.serving.server import ModelServer
 from tests.conftest import ROOT
 
 
@@ -63,7 +63,7 @@ def test_deployment_options_follow_the_config() -> None:
     options = ModelServer.get_deployment_options(config.models[0])
     assert options["name"] == "org--model"
     assert options["ray_actor_options"]["num_gpus"] == 0
-    # The model's env, plus user code on Serve's own event loop (serve_app.server.REPLICA_ENV).
+    # The model's env, plus user code on Serve's own event loop (serve_app.serving.server.REPLICA_ENV).
     assert options["ray_actor_options"]["runtime_env"] == {
         "env_vars": {"A": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     }
@@ -73,7 +73,7 @@ def test_deployment_options_follow_the_config() -> None:
     assert "num_replicas" not in options
     assert options["max_ongoing_requests"] == 10
     policy = options["autoscaling_config"]["policy"]
-    assert policy["policy_function"] == "serve_app.autoscaling:LLMAutoscalingPolicy"
+    assert policy["policy_function"] == "serve_app.serving.autoscaling:LLMAutoscalingPolicy"
     assert "placement_group_bundles" not in options  # a CPU model needs no GPU bundle
 
 
@@ -106,7 +106,7 @@ def test_llm_sized_defaults_follow_max_num_seqs() -> None:
 
 
 def test_minimal_entry_for_a_mistral_layout_gets_mistral_settings() -> None:
-    from serve_app.builder import resolve_model
+    from serve_app.serving.builder import resolve_model
 
     config = load_app_config({"models": [{"id": "demo", "source": str(ROOT / "models/tiny-mistral-tekken")}]})
     model = resolve_model(config.models[0])

@@ -22,9 +22,9 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from ray.serve import Application
 
-from serve_app.builder import build_app
 from serve_app.config import BUILDER_IMPORT_PATH, load_app_config, load_serve_file
-from serve_app.server import ModelServer
+from serve_app.serving.builder import build_app
+from serve_app.serving.server import ModelServer
 from tests.conftest import ROOT
 
 if sys.version_info >= (3, 11):

@@ -145,7 +145,10 @@ def test_serve_file_errors(tmp_path: Path) -> None:
         load_serve_file(_app(tmp_path, {"applications": [{"import_path": "other:app"}]}))
     with pytest.raises(ConfigError, match=r"applications\[0\]\.args: must be a mapping"):
         load_serve_file(
-            _app(tmp_path, {"applications": [{"import_path": "serve_app.builder:build_app", "args": [1]}]})
+            _app(
+                tmp_path,
+                {"applications": [{"import_path": "serve_app.serving.builder:build_app", "args": [1]}]},
+            )
         )
 
 

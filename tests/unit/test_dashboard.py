@@ -1,4 +1,4 @@
-"""The Grafana dashboard of cluster/grafana/ and serve_app.dashboard, which reads and renders it.
+"""The Grafana dashboard of cluster/grafana/ and serve_app.tools.dashboard, which reads and renders it.
 
 Rendering runs against a fake Prometheus (http.server in a thread) that answers query_range with
 a matrix; nothing else starts.
@@ -17,8 +17,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from serve_app import dashboard as dash
-from serve_app.dashboard import DashboardError, metric_names, substitute
+from serve_app.tools import dashboard as dash
+from serve_app.tools.dashboard import DashboardError, metric_names, substitute
 
 ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from serve_app.demo_models import DEMO_MODELS, N_LAYERS, write_all
+from serve_app.models.demo import DEMO_MODELS, N_LAYERS, write_all
 
 
 def test_writes_mistral_native_layout(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from serve_app.config import ConfigError, ModelConfig
-from serve_app.engine.vllm_engine import build_namespace, validate_engine_args
+from serve_app.engine.vllm.args import build_namespace, validate_engine_args
 
 
 def _model(**engine_args: Any) -> ModelConfig:

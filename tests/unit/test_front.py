@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from serve_app.front import DEFAULT_FRONT, FRONTS, LOCAL_SETTINGS, apply_front
+from serve_app.local.front import DEFAULT_FRONT, FRONTS, LOCAL_SETTINGS, front_variables
 from tests.conftest import ROOT
 
 
@@ -17,8 +17,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_each_front_sets_its_variables() -> None:
-    assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
-    assert apply_front("haproxy") == {
+    assert front_variables("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+    assert front_variables("haproxy") == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # a local stop is not held for a cluster's deregistration window (30 s)
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
@@ -27,14 +27,14 @@ def test_each_front_sets_its_variables() -> None:
 
 def test_an_operators_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
-    assert apply_front("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+    assert front_variables("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
-    assert apply_front("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+    assert front_variables("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
 
 
 def test_an_unknown_front_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown front 'nginx'"):
-        apply_front("nginx")
+        front_variables("nginx")
 
 
 def test_cluster_manifests_run_the_default_front() -> None:

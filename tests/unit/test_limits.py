@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from serve_app.limits import (
+from serve_app.guards.limits import (
     InputError,
     RequestLimits,
     check_body_size,

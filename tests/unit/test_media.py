@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serve_app.media import MediaError, check_images, host_allowed
+from serve_app.guards.media import MediaError, check_images, host_allowed
 
 PNG = "data:image/png;base64,iVBORw0KGgo="
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.mistral_layout import infer_args, layout_of, source_files
+from serve_app.models.mistral_layout import infer_args, layout_of, source_files
 
 MISTRAL_V3 = ["params.json", "consolidated.safetensors", "tokenizer.model.v3"]
 MISTRAL_TEKKEN = ["params.json", "consolidated.safetensors", "tekken.json"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app import quotas as q
-from serve_app.auth import hash_key
+from serve_app.guards import quotas as q
+from serve_app.guards.auth import hash_key
 
 KEY = hash_key("alpha")
 

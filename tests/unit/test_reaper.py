@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 PARENT = textwrap.dedent(
     """
     import subprocess, sys, time
-    from serve_app.processes import start_reaper
+    from serve_app.serving.reaper import start_reaper
     reaper = start_reaper()
     engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     print(reaper.pid, engine.pid, flush=True)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from serve_app.streams import coalesce
+from serve_app.serving.streams import coalesce
 
 
 class Marker:

@@ -1,0 +1,230 @@
+"""One served model: its names, weights, engine, resources and Serve deployment options."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from serve_app.config.base import StrictModel
+
+# vLLM's usual max_num_seqs on a GPU; set engine_args.max_num_seqs to size a model exactly.
+DEFAULT_MAX_NUM_SEQS = 256
+
+
+class AutoscalingOptions(StrictModel):
+    """Autoscaling of one model, driven by mistral-serve's LLM-aware policy.
+
+    The policy (serve_app.serving.autoscaling) sizes the deployment by the larger of the requests
+    its routers count and the requests its engines hold (running + waiting), adds a replica
+    while the engines queue for lack of KV cache, and shrinks only when the remaining
+    replicas would run well under target (hysteresis).
+    """
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started with the application (default: min_replicas)."
+    )
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per replica the policy aims for (default: 3/4 of the engine's max_num_seqs).",
+    )
+    upscale_delay_s: float = Field(3.0, ge=0, description="Seconds load must stay high before scaling up.")
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="Seconds load must stay low before scaling down."
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds idle before going from 1 replica to 0 (default: downscale_delay_s)."
+    )
+    look_back_period_s: float = Field(5.0, gt=0, description="Window over which load is averaged.")
+    metrics_interval_s: float = Field(
+        1.0, gt=0, description="How often routers and replicas report load to the autoscaler."
+    )
+    downscale_utilization: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Scale down only while the remaining replicas would run at most this share of "
+        "target_ongoing_requests (hysteresis against flapping).",
+    )
+    kv_cache_high: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="KV-cache use above which requests waiting in an engine add a replica.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentOptions(StrictModel):
+    """Ray Serve options of one model's deployment."""
+
+    num_replicas: int | None = Field(
+        None, ge=1, description="A fixed replica count; leave unset to autoscale."
+    )
+    autoscaling: AutoscalingOptions | None = Field(
+        None, description="Autoscaling bounds and targets; used when num_replicas is unset."
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one replica handles at once; more wait at the router "
+        "(default: the engine's max_num_seqs).",
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests that may wait at each router for a replica (-1: no limit)."
+    )
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds a stopping replica gets to finish its in-flight requests (default: the "
+        "longest generation, max_model_len tokens at 20 tokens/s, between 60 s and 1 h).",
+    )
+    request_wait_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a request may wait at the ingress for a replica to accept it (e.g. while "
+        "the model scales up from zero); past it the client gets 503 with Retry-After.",
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds a health check may take.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+
+_DEPLOYMENT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class MediaOptions(StrictModel):
+    """Image input of a model that takes images (e.g. Pixtral)."""
+
+    allowed_remote_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts whose http(s) image URLs the server may fetch (exact names). "
+        "Empty (the default): only inline data: URLs, so clients cannot make the server fetch "
+        "arbitrary URLs (server-side request forgery).",
+    )
+
+
+class ModelConfig(StrictModel):
+    """One served model: the names clients send, its weights, and how to run it."""
+
+    id: str = Field(
+        min_length=1,
+        description="The name clients send as `model`, e.g. mistralai/Mistral-Nemo-Instruct-2407.",
+    )
+    aliases: tuple[str, ...] = Field((), description="Other names clients may send for this model.")
+    owned_by: str | None = Field(
+        None, description="`owned_by` in /v1/models (default: the id's organisation, e.g. mistralai)."
+    )
+    source: str = Field(
+        min_length=1,
+        description="Hugging Face repository id or local directory holding the weights.",
+    )
+    engine: Literal["vllm", "fake"] = Field(
+        "vllm",
+        description="The engine: vllm, or fake (no model: answers at a set speed, for load and "
+        "scaling tests; its engine_args are ttft_s, tokens_per_s, max_num_seqs, max_model_len).",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (fields of vllm.AsyncEngineArgs), e.g. "
+        "tokenizer_mode, max_model_len, tensor_parallel_size. For a source in Mistral's native "
+        "layout, tokenizer_mode, config_format and load_format default to mistral.",
+    )
+    server_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM OpenAI-server options that are not engine arguments, e.g. "
+        "tool_call_parser, enable_auto_tool_choice, chat_template. For a source in Mistral's "
+        "native layout, Mistral tool calling is on by default.",
+    )
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per replica (default: tensor_parallel_size x pipeline_parallel_size; "
+        "0 runs on the CPU build of vLLM).",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of each replica process."
+    )
+    media: MediaOptions = Field(default_factory=MediaOptions, description="Image input options.")
+    stream_batching_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Send a stream's chunks at most this often from a replica, several per message "
+        "(a stream's first two messages are never held). 0: each as soon as the previous is sent, "
+        "joining only what queued meanwhile. Fewer, larger messages cost less CPU under load; "
+        "clients then get tokens in bursts.",
+    )
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
+    )
+
+    @field_validator("engine_args", "server_args")
+    @classmethod
+    def _no_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("model", "served_model_name"):
+            if key in value:
+                raise ValueError(f"'{key}' is set by the model's `source` and `id`, not here")
+        return value
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name that routes to this model, its id first."""
+        return (self.id, *self.aliases)
+
+    @property
+    def deployment_name(self) -> str:
+        """A Ray Serve deployment name derived from the id: `mistralai/X` -> `mistralai--X`."""
+        return _DEPLOYMENT_NAME_UNSAFE.sub("-", self.id.replace("/", "--"))
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one engine runs at once: the replica's real capacity."""
+        return int(self.engine_args.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.deployment.max_ongoing_requests or self.max_num_seqs
+
+    @property
+    def target_ongoing_requests(self) -> float:
+        auto = self.deployment.autoscaling
+        if auto is not None and auto.target_ongoing_requests is not None:
+            return auto.target_ongoing_requests
+        return max(1.0, 0.75 * self.max_num_seqs)
+
+    @property
+    def graceful_shutdown_timeout_s(self) -> float:
+        if self.deployment.graceful_shutdown_timeout_s is not None:
+            return self.deployment.graceful_shutdown_timeout_s
+        max_len = int(self.engine_args.get("max_model_len") or 32768)
+        return min(3600.0, max(60.0, max_len / 20))
+
+    @property
+    def gpus_per_replica(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        tp = int(self.engine_args.get("tensor_parallel_size", 1))
+        pp = int(self.engine_args.get("pipeline_parallel_size", 1))
+        return float(tp * pp)

@@ -1,0 +1,557 @@
+"""Bounds on what a request may carry, checked at the ingress before any engine work.
+
+A hostile or broken body gets a 400 (413 for a body over the size limit) in OpenAI's
+error shape, naming the offending parameter, and never reaches an engine. The checks are
+cheap (one walk over the decoded body, no schema validation) and refuse only what is
+certainly wrong or over a configured bound: a request that plain `vllm serve` accepts and
+that stays within the bounds passes, and vLLM's own request models validate the rest.
+
+What vLLM's models accept loosely is accepted here too: integers written as `2.0`, tools
+and named tool choices without `"type"` (vLLM defaults it to `"function"`), content parts
+without `"type"` that carry a media key (`{"image_url": ...}`), `structural_tag` response
+formats, bare strings as content parts, `max_tokens: 0` with `echo` in completions. Integers written as strings or
+booleans (`"2"`, `true`) are refused, as OpenAI's API refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from serve_app.config import RequestLimits
+from serve_app.errors import ApiError
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# Keys that make a content part without "type" valid to vLLM (it infers the type from them).
+_TYPELESS_PART_KEYS = (
+    "image_url",
+    "image_pil",
+    "image_embeds",
+    "audio_embeds",
+    "video_embeds",
+    "prompt_embeds",
+    "audio_url",
+    "input_audio",
+    "video_url",
+    "tool_reference",
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ROUTES = ("chat", "completion", "tokenize", "detokenize")
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+class InputError(ApiError):
+    """A request out of bounds (400, or 413 for a body over the size limit)."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:
+        super().__init__(status, message, param=param)
+
+
+def check_body_size(length: int, limits: RequestLimits) -> None:
+    """Raise InputError (413) if a body of `length` bytes is over the limit."""
+    if length > limits.max_body_bytes:
+        raise InputError(
+            f"The request body is {length} bytes; the limit is {limits.max_body_bytes} bytes.",
+            status=413,
+        )
+
+
+def check_headers(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]],
+    limits: RequestLimits,
+) -> None:
+    """Raise InputError (400) if the headers' names and values together are over the limit.
+
+    `headers` is a mapping (a repeated header of a Starlette `Headers` counts each time) or
+    (name, value) pairs, e.g. an ASGI scope's raw `headers` (bytes).
+    """
+    pairs: Iterable[tuple[str | bytes, str | bytes]] = (
+        headers.items() if isinstance(headers, Mapping) else headers
+    )
+    size = 0
+    for name, value in pairs:
+        size += len(name) + len(value)
+    if size > limits.max_header_bytes:
+        raise InputError(
+            f"The request headers are {size} bytes; the limit is {limits.max_header_bytes} bytes."
+        )
+
+
+def decode_body(body: bytes) -> Any:
+    """The JSON value of a request body; InputError (400) if it is not UTF-8 JSON.
+
+    A leading UTF-8 byte-order mark is allowed, as `json.loads` allows it on bytes.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError("The request body is not valid UTF-8.") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError("The request body is not valid JSON: it is nested too deeply.") from None
+
+
+def check_request(route: str, payload: Any, limits: RequestLimits, max_model_len: int | None) -> None:
+    """Raise InputError if the decoded body of a request to `route` is out of bounds.
+
+    `route` is "chat", "completion", "tokenize" or "detokenize"; `max_model_len` is the
+    model's context length when known. Fields not checked here are left to vLLM.
+    """
+    if route not in _ROUTES:
+        raise ValueError(f"unknown route {route!r}")
+    if not isinstance(payload, dict):
+        raise InputError("The request body must be a JSON object.")
+    _check_unicode(payload)
+    if route == "chat":
+        _check_chat_numbers(payload, limits, max_model_len)
+        _check_messages(payload, limits)
+        _check_stop(payload, limits)
+        _check_tools(payload, limits)
+        _check_response_format(payload, limits)
+    elif route == "completion":
+        _check_completion_numbers(payload, limits, max_model_len)
+        _check_prompt(payload, limits)
+        _check_stop(payload, limits)
+    elif route == "tokenize":
+        if "messages" in payload:
+            _check_messages(payload, limits)
+            _check_tools(payload, limits)
+        else:
+            _check_tokenize_prompt(payload, limits)
+    else:
+        _check_token_ids(payload.get("tokens"), "tokens")
+
+
+# --- values ---------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    """How JSON would name the value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: int) -> str:
+    return str(value) if value.bit_length() <= 128 else "a number too large to show"
+
+
+def _int(payload: dict[str, Any], name: str, low: int, high: int | None) -> int | None:
+    """The integer `payload[name]` (None when absent or null), checked to lie in low..high."""
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"`{name}` must be an integer, not {_kind(value)}.", param=name)
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise InputError(f"`{name}` must be an integer, got {value}.", param=name)
+        value = int(value)
+    if value < low:
+        if high is None:
+            raise InputError(f"`{name}` must be at least {low}, got {_show(value)}.", param=name)
+        raise InputError(f"`{name}` must be between {low} and {high}, got {_show(value)}.", param=name)
+    if high is not None and value > high:
+        raise InputError(f"`{name}` must be between {low} and {high}, got {_show(value)}.", param=name)
+    return value
+
+
+def _max_tokens(
+    payload: dict[str, Any], name: str, low: int, max_model_len: int | None, *, effective: bool
+) -> None:
+    """Check a token budget; only the `effective` one (the one vLLM reads) is held to the context."""
+    value = _int(payload, name, low, None)
+    if value is None:
+        return
+    if effective and max_model_len is not None and value > max_model_len:
+        raise InputError(
+            f"{name} ({_show(value)}) must be at most the model's context length ({max_model_len}).",
+            param=name,
+        )
+    if value > _INT64_MAX:
+        raise InputError(f"`{name}` must be at most {_INT64_MAX}, got {_show(value)}.", param=name)
+
+
+def _check_chat_numbers(payload: dict[str, Any], limits: RequestLimits, max_model_len: int | None) -> None:
+    _int(payload, "n", 1, limits.max_n)
+    _int(payload, "best_of", 1, limits.max_n)
+    # vLLM reads max_completion_tokens when set, and then ignores max_tokens.
+    uses_completion_tokens = payload.get("max_completion_tokens") is not None
+    _max_tokens(payload, "max_completion_tokens", 1, max_model_len, effective=True)
+    _max_tokens(payload, "max_tokens", 1, max_model_len, effective=not uses_completion_tokens)
+    _int(payload, "top_logprobs", 0, limits.max_top_logprobs)
+    _int(payload, "seed", _INT64_MIN, _INT64_MAX)
+    logprobs = payload.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InputError(
+            f"`logprobs` must be true or false in a chat request, not {_kind(logprobs)}; "
+            "`top_logprobs` sets how many.",
+            param="logprobs",
+        )
+
+
+def _check_completion_numbers(
+    payload: dict[str, Any], limits: RequestLimits, max_model_len: int | None
+) -> None:
+    _int(payload, "n", 1, limits.max_n)
+    _int(payload, "best_of", 1, limits.max_n)
+    # With echo, max_tokens 0 asks for the prompt (and its logprobs) alone.
+    _max_tokens(payload, "max_tokens", 0 if payload.get("echo") else 1, max_model_len, effective=True)
+    _int(payload, "logprobs", 0, limits.max_top_logprobs)
+    _int(payload, "seed", _INT64_MIN, _INT64_MAX)
+
+
+# --- chat -----------------------------------------------------------------------------
+
+
+def _check_messages(payload: dict[str, Any], limits: RequestLimits) -> None:
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        if messages is None:
+            raise InputError("`messages` is required.", param="messages")
+        raise InputError(f"`messages` must be an array, not {_kind(messages)}.", param="messages")
+    if not messages:
+        raise InputError("`messages` must not be empty.", param="messages")
+    if len(messages) > limits.max_messages:
+        raise InputError(
+            f"`messages` has {len(messages)} items; the limit is {limits.max_messages}.",
+            param="messages",
+        )
+    for i, message in enumerate(messages):
+        _check_message(message, f"messages[{i}]", limits)
+
+
+def _check_message(message: Any, where: str, limits: RequestLimits) -> None:
+    if not isinstance(message, dict):
+        raise InputError(f"{where} must be an object, not {_kind(message)}.", param=where)
+    role = message.get("role")
+    if role is None:
+        raise InputError(f"{where}.role is required.", param=f"{where}.role")
+    if not isinstance(role, str) or role not in ROLES:
+        shown = repr(role) if isinstance(role, str) else _kind(role)
+        raise InputError(
+            f"{where}.role must be one of {', '.join(ROLES)}; got {shown[:80]}.", param=f"{where}.role"
+        )
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"{where}.name must be a string, not {_kind(name)}.", param=f"{where}.name")
+    content = message.get("content")
+    if content is None:
+        return
+    if isinstance(content, str):
+        chars = len(content)
+    elif isinstance(content, list):
+        chars = 0
+        for j, part in enumerate(content):
+            chars += _check_part(part, f"{where}.content[{j}]")
+    else:
+        raise InputError(
+            f"{where}.content must be a string, an array of content parts or null, not {_kind(content)}.",
+            param=f"{where}.content",
+        )
+    if chars > limits.max_message_chars:
+        raise InputError(
+            f"{where}.content has {chars} characters of text; the limit is {limits.max_message_chars}.",
+            param=f"{where}.content",
+        )
+
+
+def _check_part(part: Any, where: str) -> int:
+    """Check one content part; return the length of its text."""
+    if isinstance(part, str):
+        return len(part)  # vLLM takes a bare string as a text part
+    if not isinstance(part, dict):
+        raise InputError(f"{where} must be an object, not {_kind(part)}.", param=where)
+    kind = part.get("type")
+    if kind is None:
+        if not any(key in part for key in _TYPELESS_PART_KEYS):
+            raise InputError(f"{where}.type is required.", param=f"{where}.type")
+    elif not isinstance(kind, str):
+        raise InputError(f"{where}.type must be a string, not {_kind(kind)}.", param=f"{where}.type")
+    text = part.get("text")
+    return len(text) if isinstance(text, str) else 0
+
+
+def _check_tools(payload: dict[str, Any], limits: RequestLimits) -> None:
+    tools = payload.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InputError(f"`tools` must be an array, not {_kind(tools)}.", param="tools")
+        if len(tools) > limits.max_tools:
+            raise InputError(
+                f"`tools` has {len(tools)} items; the limit is {limits.max_tools}.", param="tools"
+            )
+        for i, tool in enumerate(tools):
+            _check_tool(tool, f"tools[{i}]", limits)
+    _check_tool_choice(payload.get("tool_choice"))
+
+
+def _check_tool(tool: Any, where: str, limits: RequestLimits) -> None:
+    if not isinstance(tool, dict):
+        raise InputError(f"{where} must be an object, not {_kind(tool)}.", param=where)
+    kind = tool.get("type", "function")  # vLLM defaults a missing type to "function"
+    if kind != "function":
+        raise InputError(f'{where}.type must be "function".', param=f"{where}.type")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise InputError(
+            f"{where}.function must be an object, not {_kind(function)}.", param=f"{where}.function"
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise InputError(
+            f"{where}.function.name must be 1 to 64 letters, digits, underscores or dashes.",
+            param=f"{where}.function.name",
+        )
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InputError(
+            f"{where}.function.parameters must be a JSON Schema object, not {_kind(parameters)}.",
+            param=f"{where}.function.parameters",
+        )
+    size = _json_size(tool, where)
+    if size > limits.max_tool_schema_bytes:
+        raise InputError(
+            f"{where} is {size} bytes of JSON; the limit is {limits.max_tool_schema_bytes} bytes.",
+            param=where,
+        )
+
+
+def _check_tool_choice(choice: Any) -> None:
+    if choice is None or choice in TOOL_CHOICES:
+        return
+    if isinstance(choice, dict):
+        if choice.get("type", "function") != "function":
+            raise InputError('tool_choice.type must be "function".', param="tool_choice.type")
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise InputError(
+                'tool_choice.function must be an object, e.g. {"name": "my_function"}.',
+                param="tool_choice.function",
+            )
+        if not isinstance(function.get("name"), str):
+            raise InputError("tool_choice.function.name must be a string.", param="tool_choice.function.name")
+        return
+    raise InputError(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.',
+        param="tool_choice",
+    )
+
+
+def _check_response_format(payload: dict[str, Any], limits: RequestLimits) -> None:
+    fmt = payload.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise InputError(f"response_format must be an object, not {_kind(fmt)}.", param="response_format")
+    kind = fmt.get("type")
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
+        raise InputError(
+            f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}.",
+            param="response_format.type",
+        )
+    if kind != "json_schema":
+        return
+    schema = fmt.get("json_schema")
+    if not isinstance(schema, dict):
+        raise InputError(
+            'response_format.json_schema must be an object with a "name" and a "schema".',
+            param="response_format.json_schema",
+        )
+    if not isinstance(schema.get("name"), str):
+        raise InputError(
+            "response_format.json_schema.name must be a string.", param="response_format.json_schema.name"
+        )
+    inner = schema.get("schema")
+    if inner is not None and not isinstance(inner, dict):
+        raise InputError(
+            f"response_format.json_schema.schema must be an object, not {_kind(inner)}.",
+            param="response_format.json_schema.schema",
+        )
+    size = _json_size(schema, "response_format.json_schema")
+    if size > limits.max_response_schema_bytes:
+        raise InputError(
+            f"response_format.json_schema is {size} bytes of JSON; the limit is "
+            f"{limits.max_response_schema_bytes} bytes.",
+            param="response_format.json_schema",
+        )
+
+
+def _json_size(value: Any, where: str) -> int:
+    """Bytes of `value` as compact JSON (non-ASCII counted as UTF-8)."""
+    try:
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        raise InputError(f"{where} is not valid JSON.", param=where) from None
+
+
+# --- stop, prompts, tokens ------------------------------------------------------------
+
+
+def _check_stop(payload: dict[str, Any], limits: RequestLimits) -> None:
+    stop = payload.get("stop")
+    if stop is None:
+        return
+    if isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list):
+        if len(stop) > limits.max_stop:
+            raise InputError(
+                f"`stop` has {len(stop)} sequences; the limit is {limits.max_stop}.", param="stop"
+            )
+        stops = stop
+    else:
+        raise InputError(f"`stop` must be a string or an array of strings, not {_kind(stop)}.", param="stop")
+    for i, seq in enumerate(stops):
+        where = "stop" if stops is not stop else f"stop[{i}]"
+        if not isinstance(seq, str):
+            raise InputError(f"{where} must be a string, not {_kind(seq)}.", param=where)
+        if len(seq) > limits.max_stop_chars:
+            raise InputError(
+                f"{where} has {len(seq)} characters; the limit is {limits.max_stop_chars}.", param=where
+            )
+
+
+_PROMPT_SHAPES = "a string, an array of strings, an array of token ids or an array of token-id arrays"
+
+
+def _check_prompt(payload: dict[str, Any], limits: RequestLimits) -> None:
+    prompt = payload.get("prompt")
+    if prompt is None:
+        return  # vLLM takes prompt_embeds instead, or says that a prompt is required
+    if isinstance(prompt, str):
+        _check_prompt_text(prompt, "prompt", limits)
+        return
+    if not isinstance(prompt, list):
+        raise InputError(f"`prompt` must be {_PROMPT_SHAPES}, not {_kind(prompt)}.", param="prompt")
+    first = prompt[0] if prompt else 0
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        _check_token_ids(prompt, "prompt")  # one prompt, as token ids: as long as the body allows
+        return
+    if len(prompt) > limits.max_prompt_items:
+        raise InputError(
+            f"`prompt` has {len(prompt)} prompts; the limit is {limits.max_prompt_items}.", param="prompt"
+        )
+    if isinstance(prompt[0], str):
+        for i, item in enumerate(prompt):
+            if not isinstance(item, str):
+                raise InputError(
+                    f"prompt[{i}] must be a string like the other prompts, not {_kind(item)}.",
+                    param=f"prompt[{i}]",
+                )
+            _check_prompt_text(item, f"prompt[{i}]", limits)
+    elif isinstance(prompt[0], list):
+        for i, item in enumerate(prompt):
+            _check_token_ids(item, f"prompt[{i}]")
+    else:
+        raise InputError(f"`prompt` must be {_PROMPT_SHAPES}.", param="prompt[0]")
+
+
+def _check_tokenize_prompt(payload: dict[str, Any], limits: RequestLimits) -> None:
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str):
+        raise InputError(
+            f"`prompt` (a string) or `messages` is required, got prompt {_kind(prompt)}.", param="prompt"
+        )
+    _check_prompt_text(prompt, "prompt", limits)
+
+
+def _check_prompt_text(text: str, where: str, limits: RequestLimits) -> None:
+    if len(text) > limits.max_message_chars:
+        raise InputError(
+            f"{where} has {len(text)} characters; the limit is {limits.max_message_chars}.", param=where
+        )
+
+
+def _is_token_id(value: Any) -> bool:
+    if type(value) is int:
+        return 0 <= value <= _INT64_MAX
+    return isinstance(value, float) and value.is_integer() and 0 <= value <= _INT64_MAX
+
+
+def _check_token_ids(tokens: Any, where: str) -> None:
+    if not isinstance(tokens, list):
+        raise InputError(f"{where} must be an array of token ids, not {_kind(tokens)}.", param=where)
+    if not tokens or (set(map(type, tokens)) == {int} and min(tokens) >= 0 and max(tokens) <= _INT64_MAX):
+        return  # the usual case, checked without a Python loop
+    for i, token in enumerate(tokens):
+        if not _is_token_id(token):
+            shown = _show(token) if type(token) is int else _kind(token)
+            raise InputError(
+                f"{where}[{i}] must be a token id (an integer, at least 0), got {shown}.",
+                param=f"{where}[{i}]",
+            )
+
+
+# --- unicode --------------------------------------------------------------------------
+
+
+def _check_unicode(payload: dict[str, Any]) -> None:
+    """Refuse strings (keys included) holding lone surrogates, as JSON's \\ud800 decodes."""
+    search = _SURROGATE.search
+    stack: list[Any] = [payload]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and not key.isascii() and search(key):
+                    _raise_unicode(payload)
+                if isinstance(value, str):
+                    if not value.isascii() and search(value):
+                        _raise_unicode(payload)
+                elif value and isinstance(value, (dict, list)):
+                    stack.append(value)
+        elif not _SCALARS.issuperset(map(type, node)):  # e.g. token ids: no strings, nothing nested
+            for value in node:
+                if isinstance(value, str):
+                    if not value.isascii() and search(value):
+                        _raise_unicode(payload)
+                elif value and isinstance(value, (dict, list)):
+                    stack.append(value)
+
+
+def _raise_unicode(payload: dict[str, Any]) -> None:
+    """Find a string with a lone surrogate (the slow walk, with paths) and refuse it."""
+    stack: list[tuple[Any, str]] = [(payload, "")]
+    while stack:
+        node, path = stack.pop()
+        items: Iterable[tuple[Any, Any]]
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            continue
+        for key, value in items:
+            where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+            if (isinstance(key, str) and _SURROGATE.search(key)) or (
+                isinstance(value, str) and _SURROGATE.search(value)
+            ):
+                raise InputError(
+                    "The request contains invalid Unicode (a lone surrogate such as \\ud800).",
+                    param=where.encode("utf-8", "backslashreplace").decode("utf-8"),
+                )
+            stack.append((value, where))
+    raise InputError("The request contains invalid Unicode (a lone surrogate such as \\ud800).")

@@ -1,0 +1,1 @@
+"""Model checkpoints: recognising Mistral's native layout, and writing the tiny demo models."""

@@ -1,0 +1,98 @@
+"""Build the Serve application from its config: the `import_path` of `serve deploy`.
+
+Building validates the config (vLLM's own checks on the engine arguments included) and
+binds deployments; it starts nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppConfig, ModelConfig, load_app_config
+from serve_app.engine import engine_class
+from serve_app.engine.protocol import Engine
+from serve_app.models.mistral_layout import infer_args
+from serve_app.serving.catalog import ModelCard
+from serve_app.serving.ingress import make_ingress
+from serve_app.serving.server import REPLICA_ENV, ModelServer
+
+INGRESS_NAME = "OpenAIIngress"
+
+
+def _owned_by(model_id: str) -> str:
+    return model_id.split("/", 1)[0] if "/" in model_id else "mistral-serve"
+
+
+def resolve_model(model: ModelConfig) -> ModelConfig:
+    """The model with Mistral's native-layout settings filled in where its source has that layout."""
+    if model.engine != "vllm":
+        return model
+    engine_args, server_args, _ = infer_args(model.source, model.engine_args, model.server_args)
+    if (engine_args, server_args) == (model.engine_args, model.server_args):
+        return model
+    return model.model_copy(update={"engine_args": engine_args, "server_args": server_args})
+
+
+def model_card(model: ModelConfig) -> ModelCard:
+    """What the ingress needs to know of a model to route to it and list it."""
+    max_len = model.engine_args.get("max_model_len")
+    return ModelCard(
+        id=model.id,
+        aliases=model.aliases,
+        deployment=model.deployment_name,
+        owned_by=model.owned_by or _owned_by(model.id),
+        max_model_len=int(max_len) if isinstance(max_len, int) else None,
+        wait_timeout_s=model.deployment.request_wait_timeout_s,
+        priority_scheduling=model.engine_args.get("scheduling_policy") == "priority",
+    )
+
+
+def build_openai_app(
+    config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
+) -> Application:
+    """Bind one deployment per model and the OpenAI ingress in front of them."""
+    config = config.model_copy(update={"models": tuple(resolve_model(m) for m in config.models)})
+    if validate_engine and engine_cls is None:
+        for model in config.models:
+            engine_class(model.engine).validate(model)
+    handles = {
+        model.deployment_name: serve.deployment(ModelServer)
+        .options(**ModelServer.get_deployment_options(model))
+        .bind(model, engine_cls, config.limits)
+        for model in config.models
+    }
+    ingress = config.ingress
+    return (
+        serve.deployment(make_ingress(cors_allow_origins=config.auth.cors_allow_origins))
+        .options(
+            name=INGRESS_NAME,
+            num_replicas=ingress.num_replicas,
+            max_ongoing_requests=ingress.max_ongoing_requests,
+            ray_actor_options={"num_cpus": ingress.num_cpus, "runtime_env": {"env_vars": dict(REPLICA_ENV)}},
+        )
+        # Each ingress replica enforces its share of every quota.
+        .bind(
+            handles,
+            [model_card(model) for model in config.models],
+            config.auth,
+            config.observability,
+            config.quotas.share(ingress.num_replicas),
+            config.limits,
+        )
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Entry point for `serve deploy` / `serve run`: the application's `args` are an AppConfig.
+
+    An optional `config_dir` arg says where relative model file paths start (default: the
+    working directory).
+    """
+    args = dict(args)
+    base = args.pop("config_dir", None)
+    config = load_app_config(args, base_dir=Path(base) if base else None)
+    return build_openai_app(config)

@@ -1,0 +1,74 @@
+"""Sending one request to its model's replicas, and waiting for the answer to begin.
+
+A request waits (not failed) while the model has no free replica, e.g. while it scales up
+from zero, for at most the model's `request_wait_timeout_s`. A full router queue sheds it at
+once. A replica or engine that fails before the first byte is tried once more, on another
+replica: nothing has reached the client yet. Each refusal is a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentResponseGenerator
+
+from serve_app.engine.protocol import Head, Route
+from serve_app.errors import ApiError
+from serve_app.serving.catalog import ServedModel
+from serve_app.serving.telemetry import RequestRecord
+
+logger = logging.getLogger("ray.serve")
+
+RETRY_AFTER_S = 10
+ATTEMPTS = 2
+
+
+def _retry_later(message: str) -> ApiError:
+    return ApiError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def dispatch(
+    model: ServedModel, name: str, route: Route, body: bytes, record: RequestRecord
+) -> tuple[Head, DeploymentResponseGenerator]:
+    """Send the request to a replica of `model` (asked for as `name`); its response's `Head`
+    and the stream it comes on (the rest follows on the stream if `head.stream`)."""
+    request_id = record.request_id
+    deadline = time.monotonic() + model.card.wait_timeout_s
+    for attempt in range(1, ATTEMPTS + 1):
+        stream = model.stream.remote(route, body, request_id)
+        try:
+            # The replica's first item says it took the request: only that wait is bounded.
+            await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
+            record.accepted = time.perf_counter()
+            head = await stream.__anext__()
+        except asyncio.TimeoutError:
+            stream.cancel()
+            logger.warning("request %s: no replica of %s took it in time", request_id, name)
+            raise _retry_later(
+                f"The model `{name}` has no replica ready to serve the request; retry later."
+            ) from None
+        except BackPressureError:
+            # The model's router queue is full (deployment.max_queued_requests): shed load.
+            record.error = "backpressure"
+            raise _retry_later(f"The model `{name}` is at capacity; retry later.") from None
+        except asyncio.CancelledError:
+            stream.cancel()  # the client went away: free the engine
+            raise
+        except Exception as exc:
+            # The replica or its engine failed before the first byte: nothing reached the client.
+            stream.cancel()
+            record.error = repr(exc)
+            if attempt < ATTEMPTS:
+                logger.warning(
+                    "request %s: model %s failed before responding (%r); retrying", request_id, name, exc
+                )
+                continue
+            logger.warning("request %s: model %s failed again before responding: %r", request_id, name, exc)
+            raise ApiError(503, f"The model `{name}` could not serve the request; retry later.") from None
+        if not isinstance(head, Head):
+            raise TypeError(f"a model replica answered {type(head).__name__} where a Head was due")
+        return head, stream
+    raise AssertionError("unreachable")

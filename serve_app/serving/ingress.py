@@ -1,0 +1,266 @@
+"""The OpenAI-compatible ingress: one FastAPI app in front of every model deployment.
+
+The ingress reads only what it needs to route (`model`), and forwards the raw body to the
+model's deployment, which validates it with vLLM's own request models. Streams pass
+through chunk by chunk as the engine produces them: nothing is held back or re-encoded.
+
+A request to a model goes through, in order: the caller's key (`admission`), the body's
+bounds (`payload`), the model it names (`catalog`), the caller's quota (`admission`), the
+send to a replica with its wait bound and one retry (`dispatch`), then the answer, whole or
+relayed (`relay`). Each step refuses with an `ApiError`, answered here in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, RequestLimits
+from serve_app.engine.protocol import Route
+from serve_app.errors import ApiError, error_body
+from serve_app.guards.auth import check_exposure
+from serve_app.serving.admission import Gate, with_priority
+from serve_app.serving.catalog import Catalog, ModelCard
+from serve_app.serving.dispatch import dispatch
+from serve_app.serving.payload import read_payload
+from serve_app.serving.relay import RelayedStream
+from serve_app.serving.telemetry import RequestRecord, Telemetry
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "x-request-id"
+_JSON = "application/json"
+
+
+def error_response(error: ApiError) -> Response:
+    """The HTTP answer of an `ApiError`: its OpenAI body, its status and headers."""
+    return Response(error.body(), status_code=error.status, media_type=_JSON, headers=error.headers)
+
+
+class OpenAIIngress:
+    """Routes OpenAI requests to model deployments by the request's `model`."""
+
+    def __init__(
+        self,
+        models: Mapping[str, DeploymentHandle],
+        cards: Sequence[ModelCard],
+        auth: AuthOptions | None = None,
+        observability: ObservabilityOptions | None = None,
+        quotas: QuotaOptions | None = None,
+        limits: RequestLimits | None = None,
+    ) -> None:
+        auth = auth or AuthOptions()
+        observability = observability or ObservabilityOptions()
+        if (host := _serve_http_host()) is not None:
+            check_exposure(host, auth, "ingress")
+        self._limits = limits or RequestLimits()
+        self._gate = Gate(auth, quotas or QuotaOptions())
+        self._catalog = Catalog(cards, models)
+        self._telemetry = Telemetry(
+            [c.id for c in cards],
+            access_log=observability.access_log,
+            log_request_text=observability.log_request_text,
+        )
+        self._created = int(time.time())
+
+    # --- routes -------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request, Route.CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request, Route.COMPLETION)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._forward(request, Route.TOKENIZE)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._forward(request, Route.DETOKENIZE)
+
+    async def list_models(self, request: Request) -> Response:
+        record = self._telemetry.begin(_request_id(request), "models")
+        return await self._measured(record, self._list_models(request))
+
+    async def get_model(self, model_id: str, request: Request) -> Response:
+        record = self._telemetry.begin(_request_id(request), "models")
+        return await self._measured(record, self._get_model(model_id, request, record))
+
+    async def health(self) -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    # --- the steps ----------------------------------------------------------------------
+
+    async def _forward(self, request: Request, route: Route) -> Response:
+        record = self._telemetry.begin(_request_id(request), route.value)
+        return await self._measured(record, self._route(request, route, record))
+
+    async def _route(self, request: Request, route: Route, record: RequestRecord) -> Response:
+        """Serve one request to a model: each step answers the client with an ApiError if it refuses."""
+        try:
+            record.identity = self._gate.identify(request)
+            body, payload = await read_payload(request, self._limits)
+            name, model = self._catalog.of_payload(payload)
+            try:
+                record.admission = self._gate.admit(record.identity, model.card.id)
+            except ApiError:
+                record.error = "quota"
+                raise
+            if record.admission is not None and model.card.priority_scheduling:
+                body = with_priority(body, payload, record.admission.priority)  # the key's, not the client's
+            self._telemetry.routed(record, model.card.id, body)
+            record.stream = payload.get("stream") is True
+            head, stream = await dispatch(model, name, route, body, record)
+        except ApiError as error:
+            return error_response(error)
+        if not head.stream:
+            record.usage = head.usage
+            if record.response_text is not None:
+                record.response_text.append(head.body)
+            return Response(head.body, status_code=head.status, media_type=_JSON)
+        record.status = 200
+        return RelayedStream(stream, record, self._finish)
+
+    async def _measured(self, record: RequestRecord, answer: Awaitable[Response]) -> Response:
+        """Await the answer to a request and record it (a stream records itself when it ends)."""
+        try:
+            response = await answer
+        except asyncio.CancelledError:  # the client went away
+            record.cancelled = True
+            self._finish(record)
+            raise
+        except Exception as exc:
+            record.status, record.error = 500, repr(exc)
+            self._finish(record)
+            raise
+        if not isinstance(response, RelayedStream):
+            record.status, record.done = response.status_code, True
+            self._finish(record)
+        return response
+
+    def _finish(self, record: RequestRecord) -> None:
+        """A request ended (answered, failed or cancelled): free its quota and record it."""
+        if record.admission is not None:
+            usage = record.usage
+            self._gate.release(
+                record.admission, usage.prompt_tokens + usage.completion_tokens if usage else 0
+            )
+        self._telemetry.finish(record)
+
+    async def _list_models(self, request: Request) -> Response:
+        try:
+            self._gate.identify(request)
+        except ApiError as error:
+            return error_response(error)
+        data = [await self._card(name) for name in self._catalog.names()]
+        return Response(json.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+    async def _get_model(self, model_id: str, request: Request, record: RequestRecord) -> Response:
+        try:
+            self._gate.identify(request)
+            model = self._catalog.get(model_id)
+        except ApiError as error:
+            return error_response(error)
+        record.model = model.card.id
+        return Response(json.dumps(await self._card(model_id)), media_type=_JSON)
+
+    async def _card(self, name: str) -> dict[str, Any]:
+        model = self._catalog.get(name)
+        await model.learn_max_model_len()
+        return model.to_openai(name, self._created)
+
+
+def _request_id(request: Request) -> str:
+    # Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the
+    # request headers and returns it on the response; it becomes the engine's request id.
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, asked from the Serve controller.
+
+    Ray Serve has no public API for it; this reads the controller's HTTP options and gives
+    None (no check) if that ever changes, or when the ingress runs outside Ray (tests).
+    """
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return str(ray.get(controller.get_http_config.remote(), timeout=10).host)
+    except Exception as exc:
+        logger.warning("cannot read Serve's HTTP host (%r): exposure check skipped", exc)
+        return None
+
+
+# --- the FastAPI app --------------------------------------------------------------------
+
+ROUTES: list[tuple[str, str, str]] = [
+    ("POST", "/v1/chat/completions", "chat_completions"),
+    ("POST", "/v1/completions", "completions"),
+    ("POST", "/tokenize", "tokenize"),
+    ("POST", "/detokenize", "detokenize"),
+    ("GET", "/v1/models", "list_models"),
+    ("GET", "/v1/models/{model_id:path}", "get_model"),
+    ("GET", "/health", "health"),
+]
+
+
+def _openai_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(ApiError(400, str(exc.errors()[:3])))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error in the ingress")
+        return Response(error_body(500, "Internal server error."), status_code=500, media_type=_JSON)
+
+
+def openai_app(
+    handler: Callable[[str], Callable[..., Any]], cors_allow_origins: tuple[str, ...] = ()
+) -> FastAPI:
+    """The FastAPI app of the OpenAI routes; `handler(name)` gives the endpoint of each.
+
+    Under Serve the endpoints are `OpenAIIngress`'s functions (Serve binds each replica's
+    instance); in-process tests pass one instance's bound methods. Both get the same app.
+    """
+    app = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    _openai_error_handlers(app)
+    if cors_allow_origins:
+        # Closed unless configured; never credentials, only what the API needs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_credentials=False,
+        )
+    for method, path, name in ROUTES:
+        app.api_route(path, methods=[method])(handler(name))
+    return app
+
+
+def make_ingress(cls: type[OpenAIIngress] = OpenAIIngress, cors_allow_origins: tuple[str, ...] = ()) -> type:
+    """Attach the OpenAI routes to `cls` and wrap it as a Serve ingress class."""
+    app = openai_app(lambda name: getattr(cls, name), cors_allow_origins)
+    return serve.ingress(app)(cls)

@@ -1,0 +1,319 @@
+"""What operators see of each request: Ray metrics per model, and one JSON access-log line.
+
+Metrics go through Ray's metrics system (`ray.util.metrics`), so they reach each node's
+Prometheus endpoint and the Ray dashboard's Grafana. Ray prefixes their names with `ray_`
+and gives counters a `_total` suffix: `mistral_serve_requests` is scraped as
+`ray_mistral_serve_requests_total`. Labels hold only values from the config (model ids,
+routes, status codes), never anything a client sent, so their number stays bounded.
+
+The gateway (ingress) measures what a client sees; each model replica reports its
+engine's scheduler (see `EngineGauges`). vLLM's own engine-side metrics are exported
+beside them by the vLLM engine (`ray_vllm_*`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from serve_app.engine.protocol import EngineStats, Usage
+
+UNKNOWN_MODEL = "_unknown"  # the model label of requests that name no served model
+CLIENT_CLOSED = 499  # the status recorded for a request whose client went away (nginx's code)
+
+# LLM latencies: tens of milliseconds (a token) to minutes (a long generation).
+TTFT_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    20,
+    30,
+    60,
+]
+TPOT_BUCKETS = [
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1,
+]
+DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600]
+QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300]
+
+ACCESS_LOGGER = "mistral_serve.access"
+
+
+@dataclass
+class RequestRecord:
+    """One request as the gateway saw it (times from `time.perf_counter`)."""
+
+    request_id: str
+    route: str
+    model: str = UNKNOWN_MODEL
+    identity: str = ""  # who sent it (an API key's hash, or anonymous); never logged
+    admission: Any = None  # its quota admission, released when it ends
+    stream: bool = False
+    status: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    accepted: float | None = None  # a model replica took the request
+    first_chunk: float | None = None  # the first streamed bytes (the first token)
+    last_chunk: float | None = None
+    usage: Usage | None = None
+    cancelled: bool = False
+    done: bool = False  # the response was sent whole (a stream to its end)
+    in_flight: bool = False  # counted in the in-flight gauge of `model`
+    error: str | None = None
+    request_text: str | None = None  # only with log_request_text
+    response_text: list[bytes] | None = None  # only with log_request_text
+
+    def chunk(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.first_chunk is None:
+            self.first_chunk = now
+        self.last_chunk = now
+        if self.response_text is not None:
+            self.response_text.append(data)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_chunk is None else self.first_chunk - self.start
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first, of a stream."""
+        if self.first_chunk is None or self.last_chunk is None or self.usage is None:
+            return None
+        if self.usage.completion_tokens < 2:
+            return None
+        return (self.last_chunk - self.first_chunk) / (self.usage.completion_tokens - 1)
+
+
+class _GatewayMetrics:
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        by_model = ("model",)
+        by_route = ("model", "route")
+        self.requests = metrics.Counter(
+            "mistral_serve_requests",
+            description="Requests answered by the gateway, by model, route and HTTP status "
+            "(499: the client went away first).",
+            tag_keys=("model", "route", "status"),
+        )
+        self.duration = metrics.Histogram(
+            "mistral_serve_request_duration_seconds",
+            description="End-to-end time of a request at the gateway.",
+            boundaries=DURATION_BUCKETS,
+            tag_keys=by_route,
+        )
+        self.ttft = metrics.Histogram(
+            "mistral_serve_time_to_first_token_seconds",
+            description="Time from a streamed request's arrival to its first token at the gateway.",
+            boundaries=TTFT_BUCKETS,
+            tag_keys=by_route,
+        )
+        self.tpot = metrics.Histogram(
+            "mistral_serve_time_per_output_token_seconds",
+            description="Mean time per output token after the first, of a streamed request.",
+            boundaries=TPOT_BUCKETS,
+            tag_keys=by_route,
+        )
+        self.queue = metrics.Histogram(
+            "mistral_serve_queue_wait_seconds",
+            description="Time a request waited at the gateway for a model replica to take it.",
+            boundaries=QUEUE_BUCKETS,
+            tag_keys=by_model,
+        )
+        self.prompt_tokens = metrics.Counter(
+            "mistral_serve_prompt_tokens",
+            description="Prompt tokens of answered requests.",
+            tag_keys=by_model,
+        )
+        self.completion_tokens = metrics.Counter(
+            "mistral_serve_completion_tokens",
+            description="Generated tokens of answered requests.",
+            tag_keys=by_model,
+        )
+        self.in_flight = metrics.Gauge(
+            "mistral_serve_requests_in_flight",
+            description="Requests this gateway replica is handling.",
+            tag_keys=by_model,
+        )
+
+
+GAUGE_PERIOD_S = 1.0  # Ray drops a gauge value not set again within two export intervals
+
+
+class Telemetry:
+    """The gateway's metrics and access log; one per ingress replica."""
+
+    def __init__(
+        self, models: Iterable[str] = (), *, access_log: bool = True, log_request_text: bool = False
+    ) -> None:
+        self._metrics = _GatewayMetrics()
+        self._in_flight: Tally[str] = Tally({model: 0 for model in models})
+        self._log_text = log_request_text
+        self._access = _access_logger() if access_log else None
+        self._reporter: asyncio.Task[None] | None = None
+
+    async def _report_in_flight(self) -> None:
+        while True:
+            for model, count in list(self._in_flight.items()):
+                self._metrics.in_flight.set(count, tags={"model": model})
+            await asyncio.sleep(GAUGE_PERIOD_S)
+
+    def begin(self, request_id: str, route: str) -> RequestRecord:
+        if self._reporter is None:  # the first request runs on the replica's event loop
+            self._reporter = asyncio.get_running_loop().create_task(self._report_in_flight())
+        record = RequestRecord(request_id=request_id, route=route)
+        if self._log_text:
+            record.response_text = []
+        return record
+
+    def routed(self, record: RequestRecord, model: str, body: bytes) -> None:
+        """The request names a served model: it counts as in flight for that model."""
+        record.model = model
+        record.in_flight = True
+        self._in_flight[model] += 1
+        self._metrics.in_flight.set(self._in_flight[model], tags={"model": model})
+        if self._log_text:
+            record.request_text = body.decode("utf-8", "replace")
+
+    def finish(self, record: RequestRecord) -> None:
+        """Record a finished (answered, failed or cancelled) request."""
+        m = self._metrics
+        model = record.model
+        if record.in_flight:
+            record.in_flight = False
+            self._in_flight[model] -= 1
+            m.in_flight.set(self._in_flight[model], tags={"model": model})
+        status = CLIENT_CLOSED if record.cancelled else record.status
+        duration = time.perf_counter() - record.start
+        m.requests.inc(tags={"model": model, "route": record.route, "status": str(status)})
+        route_tags = {"model": model, "route": record.route}
+        m.duration.observe(duration, tags=route_tags)
+        if record.accepted is not None:
+            m.queue.observe(record.accepted - record.start, tags={"model": model})
+        if (ttft := record.ttft_s) is not None:
+            m.ttft.observe(ttft, tags=route_tags)
+        if (tpot := record.tpot_s) is not None:
+            m.tpot.observe(tpot, tags=route_tags)
+        if record.usage is not None:
+            if record.usage.prompt_tokens:
+                m.prompt_tokens.inc(record.usage.prompt_tokens, tags={"model": model})
+            if record.usage.completion_tokens:
+                m.completion_tokens.inc(record.usage.completion_tokens, tags={"model": model})
+        if self._access is not None:
+            self._access.info(json.dumps(access_entry(record, status, duration), ensure_ascii=False))
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def access_entry(record: RequestRecord, status: int, duration: float) -> dict[str, Any]:
+    """The access-log entry of one request; text only if it was collected (log_request_text)."""
+    usage = record.usage
+    entry: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "request_id": record.request_id,
+        "model": record.model,
+        "route": record.route,
+        "status": status,
+        "stream": record.stream,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "queue_s": _rounded(None if record.accepted is None else record.accepted - record.start),
+        "ttft_s": _rounded(record.ttft_s),
+        "duration_s": _rounded(duration),
+        "cancelled": record.cancelled,
+    }
+    if record.error:
+        entry["error"] = record.error
+    if record.request_text is not None:
+        entry["request"] = record.request_text
+    if record.response_text is not None:
+        entry["response"] = b"".join(record.response_text).decode("utf-8", "replace")
+    return entry
+
+
+def _access_logger() -> logging.Logger:
+    """A logger writing bare JSON lines to stdout (Ray keeps a worker's stdout in its log
+    directory and streams it to the driver)."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not any(isinstance(h, _AccessLines) for h in logger.handlers):
+        handler = _AccessLines(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+class _AccessLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """The access log's own handler (other handlers may be added beside it)."""
+
+
+class EngineGauges:
+    """A model replica's engine load as Ray gauges, labelled by model and replica."""
+
+    def __init__(self, model: str, replica: str) -> None:
+        from ray.util import metrics
+
+        keys = ("model", "replica")
+        self._tags = {"model": model, "replica": replica}
+        self._running = metrics.Gauge(
+            "mistral_serve_engine_running_requests",
+            description="Requests the engine is generating.",
+            tag_keys=keys,
+        )
+        self._waiting = metrics.Gauge(
+            "mistral_serve_engine_waiting_requests",
+            description="Requests queued inside the engine (no batch slot or KV cache yet).",
+            tag_keys=keys,
+        )
+        self._kv_cache = metrics.Gauge(
+            "mistral_serve_engine_kv_cache_usage",
+            description="Share of the engine's KV cache in use, 0 to 1.",
+            tag_keys=keys,
+        )
+
+    def update(self, stats: EngineStats) -> None:
+        self._running.set(stats.running, tags=self._tags)
+        self._waiting.set(stats.waiting, tags=self._tags)
+        self._kv_cache.set(stats.kv_cache_usage, tags=self._tags)

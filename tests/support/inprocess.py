@@ -1,0 +1,196 @@
+"""The serving path in this process, without Ray: model servers with their engines, handles
+that call them as Serve's handles would, and the ingress's FastAPI app in front of them.
+
+A `LocalHandle` runs each call as a task of its own, as a replica runs it apart from its
+caller: `cancel()` cancels the task where it waits, as Serve cancels a replica's task when a
+client leaves. Handles that fail (a dead replica, a full router queue, no replica) stand in for
+what Serve's routers report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import FastAPI
+
+from serve_app.config import AppConfig, ModelConfig, RequestLimits
+from serve_app.engine.protocol import Engine
+from serve_app.serving.builder import model_card
+from serve_app.serving.ingress import OpenAIIngress, openai_app
+from serve_app.serving.server import ModelServer
+
+T = TypeVar("T")
+_END = object()
+
+
+class LocalStream:
+    """A `DeploymentResponseGenerator` stand-in: the source runs ahead in its own task."""
+
+    def __init__(self, source: AsyncIterator[Any]) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._pump(source))
+
+    async def _pump(self, source: AsyncIterator[Any]) -> None:
+        try:
+            async with contextlib.aclosing(source) as items:  # type: ignore[type-var]
+                async for item in items:
+                    await self._queue.put(item)
+        except asyncio.CancelledError:
+            await self._queue.put(asyncio.CancelledError())
+            raise
+        except BaseException as exc:
+            await self._queue.put(exc)
+        else:
+            await self._queue.put(_END)
+
+    def __aiter__(self) -> LocalStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._task.cancelled()
+
+
+class LocalResponse:
+    """A `DeploymentResponse` stand-in: awaitable, cancellable."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._task = asyncio.ensure_future(coro)
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class LocalHandle:
+    """A `DeploymentHandle` stand-in that calls `target`'s methods in this process."""
+
+    def __init__(self, target: Any, method: str = "__call__", stream: bool = False) -> None:
+        self._target, self._method, self._stream = target, method, stream
+        self.calls: list[tuple[Any, ...]] = []  # the arguments of every call, for tests to read
+
+    def options(self, *, method_name: str | None = None, stream: bool | None = None, **_: Any) -> LocalHandle:
+        handle = LocalHandle(
+            self._target, method_name or self._method, self._stream if stream is None else stream
+        )
+        handle.calls = self.calls
+        return handle
+
+    def __getattr__(self, name: str) -> LocalHandle:  # handle.model_info.remote()
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any) -> LocalStream | LocalResponse:
+        self.calls.append(args)
+        result = getattr(self._target, self._method)(*args)
+        return LocalStream(result) if self._stream else LocalResponse(result)
+
+
+class FailingReplicas:
+    """A model whose replicas fail each call as told: `failures` holds one entry per call to come,
+    an exception to raise before the first item (a dead replica, Serve's BackPressureError) or
+    `"hang"` (no replica ever takes the call); calls past the list go to `server`."""
+
+    def __init__(self, server: ModelServer, failures: list[BaseException | str]) -> None:
+        self.server = server
+        self.failures = failures
+
+    def generate(self, *args: Any) -> AsyncIterator[Any]:
+        failure = self.failures.pop(0) if self.failures else None
+        if failure is None:
+            return self.server.generate(*args)
+        return _failing(failure)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
+async def _failing(failure: BaseException | str) -> AsyncIterator[Any]:
+    if failure == "hang":
+        await asyncio.Event().wait()
+    assert isinstance(failure, BaseException)
+    raise failure
+    yield  # an async generator
+
+
+class LocalModelServer(ModelServer):
+    """A model replica in this process. Serve awaits a replica's async `__del__` when it stops
+    the replica; here `stop()` does, and the collector's own call finds nothing left to do."""
+
+    def __del__(self) -> None:  # type: ignore[override]
+        pass
+
+    async def stop(self) -> None:
+        await ModelServer.__del__(self)
+
+
+async def start_server(
+    model: ModelConfig, limits: RequestLimits | None = None, engine_cls: type[Engine] | None = None
+) -> LocalModelServer:
+    """A model replica in this process, its engine started (Serve calls the async constructor)."""
+    server = LocalModelServer.__new__(LocalModelServer)
+    await server.__init__(model, engine_cls, limits)  # type: ignore[misc]
+    return server
+
+
+@dataclass
+class InProcessApp:
+    """The ingress app and the model servers behind it; `client()` speaks HTTP to it."""
+
+    app: FastAPI
+    ingress: OpenAIIngress
+    servers: dict[str, LocalModelServer]
+    handles: dict[str, LocalHandle] = field(default_factory=dict)
+
+    def client(self, headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=headers, timeout=30
+        )
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            await server.stop()
+
+
+async def in_process_app(
+    config: AppConfig, wrap: Callable[[str, ModelServer], Any] = lambda _name, server: server
+) -> InProcessApp:
+    """`config`'s app in this process: one model server per model (`wrap` may stand a failing
+    stand-in in front of one, by deployment name) and the ingress as the builder binds it."""
+    servers = {m.deployment_name: await start_server(m, config.limits) for m in config.models}
+    handles = {name: LocalHandle(wrap(name, server)) for name, server in servers.items()}
+    ingress = OpenAIIngress(
+        handles,  # type: ignore[arg-type]
+        [model_card(m) for m in config.models],
+        config.auth,
+        config.observability,
+        config.quotas.share(config.ingress.num_replicas),
+        config.limits,
+    )
+    app = openai_app(lambda name: getattr(ingress, name), config.auth.cors_allow_origins)
+    return InProcessApp(app, ingress, servers, handles)
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run an async test scenario on a fresh event loop."""
+    return asyncio.run(scenario())

@@ -128,7 +128,9 @@ class QuotaOptions(StrictModel):
 
 
 class RequestLimits(StrictModel):
-    """Bounds on one request, enforced by the ingress before the request reaches a model.
+    """Bounds on one request. The ingress checks the sizes of the headers and the body before it
+    forwards anything; the model replica checks the rest before any engine work, once vLLM's
+    request model has accepted the body (serve_app.guards.limits says where each is checked).
 
     The defaults leave room for every ordinary request (long contexts, big tool sets,
     multimodal parts) while keeping one request from tying up the ingress or an engine.

@@ -1,16 +1,31 @@
-"""Bounds on what a request may carry, checked at the ingress before any engine work.
+"""Bounds on what a request may carry, and where each is checked.
 
-A hostile or broken body gets a 400 (413 for a body over the size limit) in OpenAI's
-error shape, naming the offending parameter, and never reaches an engine. The checks are
-cheap (one walk over the decoded body, no schema validation) and refuse only what is
-certainly wrong or over a configured bound: a request that plain `vllm serve` accepts and
-that stays within the bounds passes, and vLLM's own request models validate the rest.
+At the ingress (serve_app.serving.payload), before anything is forwarded: the size of the
+headers and of the body (413 past `max_body_bytes`, before reading it when the client declares
+its length), UTF-8 and JSON, one JSON object.
 
-What vLLM's models accept loosely is accepted here too: integers written as `2.0`, tools
-and named tool choices without `"type"` (vLLM defaults it to `"function"`), content parts
-without `"type"` that carry a media key (`{"image_url": ...}`), `structural_tag` response
-formats, bare strings as content parts, `max_tokens: 0` with `echo` in completions. Integers written as strings or
-booleans (`"2"`, `true`) are refused, as OpenAI's API refuses them.
+In the model replica, by `check_request`, after vLLM's own request model has accepted the body
+(so a body vLLM refuses gets vLLM's error, as from `vllm serve`) and before any engine work:
+
+- on the request vLLM parsed, the values the engine will act on: `n` and `best_of`, the
+  token budget vLLM uses (`max_completion_tokens`, else `max_tokens`) against the context,
+  `top_logprobs` / `logprobs`, `seed`, the stop strings, the tools (count, name, size) and the
+  size of a `json_schema` response format. vLLM's request model has already checked their
+  types; the fake engine, which has no such model, passes its decoded body, whose fields have
+  the same names;
+- on the decoded JSON body, what vLLM's parsed request cannot show: the messages (vLLM
+  validates content parts lazily, as a one-pass iterator that reading would empty), the JSON
+  types of integer fields and token ids (vLLM turns `"2"` and `true` into numbers; OpenAI's API
+  refuses them, and so do we), the completions prompts and detokenize tokens for that reason,
+  and strings holding lone surrogates (`\\ud800`).
+
+A refusal is a 400 in OpenAI's error shape naming the offending parameter. The checks are cheap
+(a walk over the messages, no schema validation) and refuse only what is certainly wrong or
+over a configured bound (`RequestLimits`, serve_app.config.guards): a request that plain
+`vllm serve` accepts and that stays within the bounds passes. What vLLM's models accept loosely
+is accepted here too: integers written as `2.0`, content parts without `"type"` that carry a
+media key (`{"image_url": ...}`), bare strings as content parts, `max_tokens: 0` with `echo` in
+completions.
 """
 
 from __future__ import annotations
@@ -21,6 +36,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from serve_app.config import RequestLimits
 from serve_app.errors import ApiError
 
@@ -28,8 +45,6 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-TOOL_CHOICES = ("none", "auto", "required")
-RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # Keys that make a content part without "type" valid to vLLM (it infers the type from them).
 _TYPELESS_PART_KEYS = (
@@ -47,6 +62,11 @@ _TYPELESS_PART_KEYS = (
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ROUTES = ("chat", "completion", "tokenize", "detokenize")
 _SCALARS = frozenset({int, float, bool, type(None)})
+# Integer fields of each route, as OpenAI's API types them (vLLM would also take "2" or true).
+_INTEGER_FIELDS = {
+    "chat": ("n", "best_of", "max_tokens", "max_completion_tokens", "top_logprobs", "seed"),
+    "completion": ("n", "best_of", "max_tokens", "logprobs", "seed"),
+}
 
 
 class InputError(ApiError):
@@ -103,38 +123,51 @@ def decode_body(body: bytes) -> Any:
         raise InputError("The request body is not valid JSON: it is nested too deeply.") from None
 
 
-def check_request(route: str, payload: Any, limits: RequestLimits, max_model_len: int | None) -> None:
-    """Raise InputError if the decoded body of a request to `route` is out of bounds.
+def check_request(
+    route: str, payload: Any, limits: RequestLimits, max_model_len: int | None, parsed: Any = None
+) -> None:
+    """Raise InputError if a request to `route` is out of bounds.
 
-    `route` is "chat", "completion", "tokenize" or "detokenize"; `max_model_len` is the
-    model's context length when known. Fields not checked here are left to vLLM.
+    `payload` is the decoded JSON body; `parsed` is what the engine's request model made of it
+    (vLLM's ChatCompletionRequest, ...), the payload itself by default. `route` is "chat",
+    "completion", "tokenize" or "detokenize"; `max_model_len` is the model's context length when
+    known. Fields not checked here are left to the engine.
     """
     if route not in _ROUTES:
         raise ValueError(f"unknown route {route!r}")
     if not isinstance(payload, dict):
         raise InputError("The request body must be a JSON object.")
+    request = payload if parsed is None else parsed
     _check_unicode(payload)
+    _check_integer_types(route, payload)
     if route == "chat":
-        _check_chat_numbers(payload, limits, max_model_len)
+        _check_chat_numbers(payload, request, limits, max_model_len)
         _check_messages(payload, limits)
-        _check_stop(payload, limits)
-        _check_tools(payload, limits)
-        _check_response_format(payload, limits)
+        _check_stop(request, limits)
+        _check_tools(request, limits)
+        _check_response_format(request, limits)
     elif route == "completion":
-        _check_completion_numbers(payload, limits, max_model_len)
+        _check_completion_numbers(request, limits, max_model_len)
         _check_prompt(payload, limits)
-        _check_stop(payload, limits)
+        _check_stop(request, limits)
     elif route == "tokenize":
         if "messages" in payload:
             _check_messages(payload, limits)
-            _check_tools(payload, limits)
+            _check_tools(request, limits)
         else:
-            _check_tokenize_prompt(payload, limits)
+            _check_tokenize_prompt(request, limits)
     else:
         _check_token_ids(payload.get("tokens"), "tokens")
 
 
-# --- values ---------------------------------------------------------------------------
+# --- reading a request --------------------------------------------------------------------
+
+
+def _get(request: Any, name: str) -> Any:
+    """A field of a parsed request (a pydantic model) or of a decoded body (a dict)."""
+    if isinstance(request, Mapping):
+        return request.get(name)
+    return getattr(request, name, None)
 
 
 def _kind(value: Any) -> str:
@@ -158,17 +191,44 @@ def _show(value: int) -> str:
     return str(value) if value.bit_length() <= 128 else "a number too large to show"
 
 
-def _int(payload: dict[str, Any], name: str, low: int, high: int | None) -> int | None:
-    """The integer `payload[name]` (None when absent or null), checked to lie in low..high."""
-    value = payload.get(name)
+def _json_size(value: Any, where: str) -> int:
+    """Bytes of `value` as compact JSON (non-ASCII counted as UTF-8)."""
+    try:
+        if isinstance(value, BaseModel):
+            return len(value.model_dump_json(exclude_unset=True, by_alias=True).encode("utf-8"))
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        raise InputError(f"{where} is not valid JSON.", param=where) from None
+
+
+# --- numbers --------------------------------------------------------------------------------
+
+
+def _check_integer_types(route: str, payload: dict[str, Any]) -> None:
+    """Integer fields must be JSON numbers with no fraction; chat's `logprobs` a boolean."""
+    for name in _INTEGER_FIELDS.get(route, ()):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"`{name}` must be an integer, not {_kind(value)}.", param=name)
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise InputError(f"`{name}` must be an integer, got {value}.", param=name)
+    logprobs = payload.get("logprobs")
+    if route == "chat" and logprobs is not None and not isinstance(logprobs, bool):
+        raise InputError(
+            f"`logprobs` must be true or false in a chat request, not {_kind(logprobs)}; "
+            "`top_logprobs` sets how many.",
+            param="logprobs",
+        )
+
+
+def _int(request: Any, name: str, low: int, high: int | None) -> int | None:
+    """The integer field `name` (None when absent or null), checked to lie in low..high."""
+    value = _get(request, name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"`{name}` must be an integer, not {_kind(value)}.", param=name)
-    if isinstance(value, float):
-        if not (math.isfinite(value) and value.is_integer()):
-            raise InputError(f"`{name}` must be an integer, got {value}.", param=name)
-        value = int(value)
+    value = int(value)  # a number (its JSON type is checked): 2.0 counts as 2
     if value < low:
         if high is None:
             raise InputError(f"`{name}` must be at least {low}, got {_show(value)}.", param=name)
@@ -178,11 +238,9 @@ def _int(payload: dict[str, Any], name: str, low: int, high: int | None) -> int 
     return value
 
 
-def _max_tokens(
-    payload: dict[str, Any], name: str, low: int, max_model_len: int | None, *, effective: bool
-) -> None:
+def _max_tokens(request: Any, name: str, low: int, max_model_len: int | None, *, effective: bool) -> None:
     """Check a token budget; only the `effective` one (the one vLLM reads) is held to the context."""
-    value = _int(payload, name, low, None)
+    value = _int(request, name, low, None)
     if value is None:
         return
     if effective and max_model_len is not None and value > max_model_len:
@@ -194,33 +252,26 @@ def _max_tokens(
         raise InputError(f"`{name}` must be at most {_INT64_MAX}, got {_show(value)}.", param=name)
 
 
-def _check_chat_numbers(payload: dict[str, Any], limits: RequestLimits, max_model_len: int | None) -> None:
-    _int(payload, "n", 1, limits.max_n)
-    _int(payload, "best_of", 1, limits.max_n)
-    # vLLM reads max_completion_tokens when set, and then ignores max_tokens.
-    uses_completion_tokens = payload.get("max_completion_tokens") is not None
-    _max_tokens(payload, "max_completion_tokens", 1, max_model_len, effective=True)
-    _max_tokens(payload, "max_tokens", 1, max_model_len, effective=not uses_completion_tokens)
-    _int(payload, "top_logprobs", 0, limits.max_top_logprobs)
-    _int(payload, "seed", _INT64_MIN, _INT64_MAX)
-    logprobs = payload.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise InputError(
-            f"`logprobs` must be true or false in a chat request, not {_kind(logprobs)}; "
-            "`top_logprobs` sets how many.",
-            param="logprobs",
-        )
-
-
-def _check_completion_numbers(
-    payload: dict[str, Any], limits: RequestLimits, max_model_len: int | None
+def _check_chat_numbers(
+    payload: dict[str, Any], request: Any, limits: RequestLimits, max_model_len: int | None
 ) -> None:
-    _int(payload, "n", 1, limits.max_n)
-    _int(payload, "best_of", 1, limits.max_n)
+    _int(request, "n", 1, limits.max_n)
+    _int(payload, "best_of", 1, limits.max_n)  # not a field of vLLM's chat request
+    # vLLM reads max_completion_tokens when set, and then ignores max_tokens.
+    uses_completion_tokens = _get(request, "max_completion_tokens") is not None
+    _max_tokens(request, "max_completion_tokens", 1, max_model_len, effective=True)
+    _max_tokens(request, "max_tokens", 1, max_model_len, effective=not uses_completion_tokens)
+    _int(request, "top_logprobs", 0, limits.max_top_logprobs)
+    _int(request, "seed", _INT64_MIN, _INT64_MAX)
+
+
+def _check_completion_numbers(request: Any, limits: RequestLimits, max_model_len: int | None) -> None:
+    _int(request, "n", 1, limits.max_n)
+    _int(request, "best_of", 1, limits.max_n)
     # With echo, max_tokens 0 asks for the prompt (and its logprobs) alone.
-    _max_tokens(payload, "max_tokens", 0 if payload.get("echo") else 1, max_model_len, effective=True)
-    _int(payload, "logprobs", 0, limits.max_top_logprobs)
-    _int(payload, "seed", _INT64_MIN, _INT64_MAX)
+    _max_tokens(request, "max_tokens", 0 if _get(request, "echo") else 1, max_model_len, effective=True)
+    _int(request, "logprobs", 0, limits.max_top_logprobs)
+    _int(request, "seed", _INT64_MIN, _INT64_MAX)
 
 
 # --- chat -----------------------------------------------------------------------------
@@ -294,102 +345,34 @@ def _check_part(part: Any, where: str) -> int:
     return len(text) if isinstance(text, str) else 0
 
 
-def _check_tools(payload: dict[str, Any], limits: RequestLimits) -> None:
-    tools = payload.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise InputError(f"`tools` must be an array, not {_kind(tools)}.", param="tools")
-        if len(tools) > limits.max_tools:
+def _check_tools(request: Any, limits: RequestLimits) -> None:
+    """Count, names and size of the tools (their structure is vLLM's request model's to check)."""
+    tools = _get(request, "tools")
+    if not isinstance(tools, list):
+        return
+    if len(tools) > limits.max_tools:
+        raise InputError(f"`tools` has {len(tools)} items; the limit is {limits.max_tools}.", param="tools")
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        name = _get(_get(tool, "function"), "name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise InputError(
-                f"`tools` has {len(tools)} items; the limit is {limits.max_tools}.", param="tools"
+                f"{where}.function.name must be 1 to 64 letters, digits, underscores or dashes.",
+                param=f"{where}.function.name",
             )
-        for i, tool in enumerate(tools):
-            _check_tool(tool, f"tools[{i}]", limits)
-    _check_tool_choice(payload.get("tool_choice"))
-
-
-def _check_tool(tool: Any, where: str, limits: RequestLimits) -> None:
-    if not isinstance(tool, dict):
-        raise InputError(f"{where} must be an object, not {_kind(tool)}.", param=where)
-    kind = tool.get("type", "function")  # vLLM defaults a missing type to "function"
-    if kind != "function":
-        raise InputError(f'{where}.type must be "function".', param=f"{where}.type")
-    function = tool.get("function")
-    if not isinstance(function, dict):
-        raise InputError(
-            f"{where}.function must be an object, not {_kind(function)}.", param=f"{where}.function"
-        )
-    name = function.get("name")
-    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
-        raise InputError(
-            f"{where}.function.name must be 1 to 64 letters, digits, underscores or dashes.",
-            param=f"{where}.function.name",
-        )
-    parameters = function.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise InputError(
-            f"{where}.function.parameters must be a JSON Schema object, not {_kind(parameters)}.",
-            param=f"{where}.function.parameters",
-        )
-    size = _json_size(tool, where)
-    if size > limits.max_tool_schema_bytes:
-        raise InputError(
-            f"{where} is {size} bytes of JSON; the limit is {limits.max_tool_schema_bytes} bytes.",
-            param=where,
-        )
-
-
-def _check_tool_choice(choice: Any) -> None:
-    if choice is None or choice in TOOL_CHOICES:
-        return
-    if isinstance(choice, dict):
-        if choice.get("type", "function") != "function":
-            raise InputError('tool_choice.type must be "function".', param="tool_choice.type")
-        function = choice.get("function")
-        if not isinstance(function, dict):
+        size = _json_size(tool, where)
+        if size > limits.max_tool_schema_bytes:
             raise InputError(
-                'tool_choice.function must be an object, e.g. {"name": "my_function"}.',
-                param="tool_choice.function",
+                f"{where} is {size} bytes of JSON; the limit is {limits.max_tool_schema_bytes} bytes.",
+                param=where,
             )
-        if not isinstance(function.get("name"), str):
-            raise InputError("tool_choice.function.name must be a string.", param="tool_choice.function.name")
-        return
-    raise InputError(
-        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.',
-        param="tool_choice",
-    )
 
 
-def _check_response_format(payload: dict[str, Any], limits: RequestLimits) -> None:
-    fmt = payload.get("response_format")
-    if fmt is None:
+def _check_response_format(request: Any, limits: RequestLimits) -> None:
+    """The size of a `json_schema` response format (its shape is vLLM's request model's to check)."""
+    schema = _get(_get(request, "response_format"), "json_schema")
+    if schema is None:
         return
-    if not isinstance(fmt, dict):
-        raise InputError(f"response_format must be an object, not {_kind(fmt)}.", param="response_format")
-    kind = fmt.get("type")
-    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
-        raise InputError(
-            f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}.",
-            param="response_format.type",
-        )
-    if kind != "json_schema":
-        return
-    schema = fmt.get("json_schema")
-    if not isinstance(schema, dict):
-        raise InputError(
-            'response_format.json_schema must be an object with a "name" and a "schema".',
-            param="response_format.json_schema",
-        )
-    if not isinstance(schema.get("name"), str):
-        raise InputError(
-            "response_format.json_schema.name must be a string.", param="response_format.json_schema.name"
-        )
-    inner = schema.get("schema")
-    if inner is not None and not isinstance(inner, dict):
-        raise InputError(
-            f"response_format.json_schema.schema must be an object, not {_kind(inner)}.",
-            param="response_format.json_schema.schema",
-        )
     size = _json_size(schema, "response_format.json_schema")
     if size > limits.max_response_schema_bytes:
         raise InputError(
@@ -399,21 +382,12 @@ def _check_response_format(payload: dict[str, Any], limits: RequestLimits) -> No
         )
 
 
-def _json_size(value: Any, where: str) -> int:
-    """Bytes of `value` as compact JSON (non-ASCII counted as UTF-8)."""
-    try:
-        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
-        raise InputError(f"{where} is not valid JSON.", param=where) from None
-
-
 # --- stop, prompts, tokens ------------------------------------------------------------
 
 
-def _check_stop(payload: dict[str, Any], limits: RequestLimits) -> None:
-    stop = payload.get("stop")
-    if stop is None:
-        return
+def _check_stop(request: Any, limits: RequestLimits) -> None:
+    """Count and length of the stop strings (their type is vLLM's request model's to check)."""
+    stop = _get(request, "stop")
     if isinstance(stop, str):
         stops = [stop]
     elif isinstance(stop, list):
@@ -423,54 +397,40 @@ def _check_stop(payload: dict[str, Any], limits: RequestLimits) -> None:
             )
         stops = stop
     else:
-        raise InputError(f"`stop` must be a string or an array of strings, not {_kind(stop)}.", param="stop")
+        return
     for i, seq in enumerate(stops):
         where = "stop" if stops is not stop else f"stop[{i}]"
-        if not isinstance(seq, str):
-            raise InputError(f"{where} must be a string, not {_kind(seq)}.", param=where)
-        if len(seq) > limits.max_stop_chars:
+        if isinstance(seq, str) and len(seq) > limits.max_stop_chars:
             raise InputError(
                 f"{where} has {len(seq)} characters; the limit is {limits.max_stop_chars}.", param=where
             )
 
 
-_PROMPT_SHAPES = "a string, an array of strings, an array of token ids or an array of token-id arrays"
-
-
 def _check_prompt(payload: dict[str, Any], limits: RequestLimits) -> None:
+    """Count and size of the completions prompts, and their token ids as JSON integers (vLLM's
+    request model turns `true` into 1); their shape is vLLM's request model's to check."""
     prompt = payload.get("prompt")
-    if prompt is None:
-        return  # vLLM takes prompt_embeds instead, or says that a prompt is required
     if isinstance(prompt, str):
         _check_prompt_text(prompt, "prompt", limits)
         return
-    if not isinstance(prompt, list):
-        raise InputError(f"`prompt` must be {_PROMPT_SHAPES}, not {_kind(prompt)}.", param="prompt")
-    first = prompt[0] if prompt else 0
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
+    if not isinstance(prompt, list) or not prompt:
+        return  # vLLM takes prompt_embeds instead, or says that a prompt is required
+    if not isinstance(prompt[0], (str, list)):
         _check_token_ids(prompt, "prompt")  # one prompt, as token ids: as long as the body allows
         return
     if len(prompt) > limits.max_prompt_items:
         raise InputError(
             f"`prompt` has {len(prompt)} prompts; the limit is {limits.max_prompt_items}.", param="prompt"
         )
-    if isinstance(prompt[0], str):
-        for i, item in enumerate(prompt):
-            if not isinstance(item, str):
-                raise InputError(
-                    f"prompt[{i}] must be a string like the other prompts, not {_kind(item)}.",
-                    param=f"prompt[{i}]",
-                )
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
             _check_prompt_text(item, f"prompt[{i}]", limits)
-    elif isinstance(prompt[0], list):
-        for i, item in enumerate(prompt):
+        else:
             _check_token_ids(item, f"prompt[{i}]")
-    else:
-        raise InputError(f"`prompt` must be {_PROMPT_SHAPES}.", param="prompt[0]")
 
 
-def _check_tokenize_prompt(payload: dict[str, Any], limits: RequestLimits) -> None:
-    prompt = payload.get("prompt")
+def _check_tokenize_prompt(request: Any, limits: RequestLimits) -> None:
+    prompt = _get(request, "prompt")
     if not isinstance(prompt, str):
         raise InputError(
             f"`prompt` (a string) or `messages` is required, got prompt {_kind(prompt)}.", param="prompt"

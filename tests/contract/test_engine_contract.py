@@ -10,16 +10,20 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from serve_app.config import ModelConfig, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
 from serve_app.engine.protocol import Engine, Head, Route, Usage
+
+if TYPE_CHECKING:
+    from serve_app.engine.vllm.patches import Patch
 from tests.conftest import ROOT
 
 T = TypeVar("T")
@@ -205,17 +209,44 @@ def _tool_parsers_alive() -> int:
     return sum(1 for o in gc.get_objects() if hasattr(type(o), "update_stream_state_pre_v11_tokenizer"))
 
 
-def test_chat_requests_leave_no_tool_parser_behind(harness: Harness) -> None:
+@contextlib.contextmanager
+def _patched(harness: Harness, name: str, patched: bool) -> Iterator[Patch]:
+    """Run with the engine's fix of one vLLM fault in place, or taken out (vLLM engine only)."""
+    from serve_app.engine.vllm.patches import all_patches, reverted
+
+    _vllm_only(harness, "the patches mend faults of vLLM")
+    (patch,) = [p for p in all_patches() if p.name == name]
+    with contextlib.nullcontext() if patched else reverted(patch):
+        yield patch
+
+
+def _no_longer_needed(patch: Patch) -> str:
+    from serve_app.engine.vllm.compat import vllm_version
+
+    return (
+        f"vLLM {vllm_version()} no longer has the fault '{patch.fault}' (the patch targets "
+        f"{patch.targets}, tested on {', '.join(patch.tested)}): drop serve_app.engine.vllm.patches.{patch.name}"
+    )
+
+
+WITH_AND_WITHOUT = pytest.mark.parametrize("patched", [True, False], ids=["patched", "vllm-alone"])
+
+
+@WITH_AND_WITHOUT
+def test_chat_requests_leave_no_tool_parser_behind(harness: Harness, patched: bool) -> None:
     """vLLM's Mistral tool parser forms a reference cycle through ijson that the garbage
     collector cannot free; the engine breaks it when a request ends (else +70 KiB a request)."""
-    _vllm_only(harness, "only vLLM makes tool parsers")
-    body = {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 3}
-    harness.collect(Route.CHAT, body)
-    before = _tool_parsers_alive()
-    for i in range(10):
-        harness.collect(Route.CHAT, {**body, "stream": i % 2 == 0})
-    grown = _tool_parsers_alive() - before
-    assert grown <= 1, f"{grown} tool parsers outlived 10 chat requests"
+    with _patched(harness, "json_coroutines", patched) as patch:
+        body = {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 3}
+        harness.collect(Route.CHAT, body)
+        before = _tool_parsers_alive()
+        for i in range(10):
+            harness.collect(Route.CHAT, {**body, "stream": i % 2 == 0})
+        grown = _tool_parsers_alive() - before
+    if patched:
+        assert grown <= 1, f"{grown} tool parsers outlived 10 chat requests"
+    else:
+        assert grown >= 5, _no_longer_needed(patch)
 
 
 def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> None:
@@ -253,33 +284,54 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
     assert reached == {"early", "held", "streaming"}, f"cancellations reached only {sorted(reached)}"
 
 
-def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harness) -> None:
+@WITH_AND_WITHOUT
+def test_a_request_cut_off_while_handed_to_the_engine_is_dropped(harness: Harness, patched: bool) -> None:
     """A request cancelled while it is sent to vLLM's engine core (a send waits when the socket
     is full) must not stay registered: it would count as in flight for ever."""
-    _vllm_only(harness, "only vLLM hands requests to an engine core process")
-    core = harness.engine._client.engine_core  # type: ignore[attr-defined]
+    with _patched(harness, "handover_abort", patched) as patch:
+        core = harness.engine._client.engine_core  # type: ignore[attr-defined]
 
-    async def go() -> None:
-        never = asyncio.get_running_loop().create_future()
+        async def go() -> bool:
+            never = asyncio.get_running_loop().create_future()
 
-        async def send_that_waits(request: Any) -> None:
-            await never
+            async def send_that_waits(request: Any) -> None:
+                await never
 
-        core.add_request_async = send_that_waits
-        task = asyncio.ensure_future(_drain(harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-handover")))
-        try:
-            deadline = time.monotonic() + 5.0
-            while harness.engine.stats().in_flight == 0:  # registered, now waiting on the send
-                assert time.monotonic() < deadline and not task.done(), "the request never reached the send"
-                await asyncio.sleep(0.01)
-            await _cancel(task)
-        finally:
-            del core.add_request_async
-            if not task.done():  # an assertion above failed: leave the shared engine clean
+            core.add_request_async = send_that_waits
+            body = harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-handover")
+            task = asyncio.ensure_future(_drain(body))
+            try:
+                deadline = time.monotonic() + 5.0
+                while harness.engine.stats().in_flight == 0:  # registered, now waiting on the send
+                    assert time.monotonic() < deadline and not task.done(), (
+                        "the request never reached the send"
+                    )
+                    await asyncio.sleep(0.01)
                 await _cancel(task)
-        await _released_within(harness.engine, 2.0, "cancelled during its hand-over")
+            finally:
+                del core.add_request_async
+                if not task.done():  # an assertion above failed: leave the shared engine clean
+                    await _cancel(task)
+            try:
+                await _released_within(harness.engine, 2.0, "cancelled during its hand-over")
+                return True
+            except AssertionError:
+                return False
+            finally:
+                await _abort_everything(harness.engine)
 
-    harness.run(go())
+        released = harness.run(go())
+    assert released is patched, None if patched else _no_longer_needed(patch)
+
+
+async def _abort_everything(engine: Engine) -> None:
+    """Abort whatever vLLM still holds, so that the shared engine is left clean."""
+    client = engine._client  # type: ignore[attr-defined]
+    held = list(client.output_processor.request_states)  # vLLM's own (internal) request ids
+    if held:
+        internal = {"internal": True} if "internal" in inspect.signature(client.abort).parameters else {}
+        await client.abort(held, **internal)
+        await _released_within(engine, 2.0, "aborted at the end of a test")
 
 
 async def _drain(items: AsyncIterator[Any], into: list[Any] | None = None) -> None:
@@ -304,25 +356,30 @@ async def _released_within(engine: Engine, seconds: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness) -> None:
+@WITH_AND_WITHOUT
+def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness, patched: bool) -> None:
     """vLLM 0.32 rebuilds its tool parser's special-token table (about a thousand regexes for
     Mistral's tokenizers) for every chat request; the engine keeps one per tokenizer."""
-    _vllm_only(harness, "only vLLM makes tool parsers")
-    module = importlib.import_module("vllm.parser.engine.streaming_parser_engine")
-    build = module._build_drop_info
-    tables: list[Any] = []
+    with _patched(harness, "parser_tables", patched) as patch:
+        module = importlib.import_module("vllm.parser.engine.streaming_parser_engine")
+        build = module._build_drop_info
+        tables: list[Any] = []
 
-    def recorded(config: Any, tokenizer: Any) -> Any:
-        tables.append(build(config, tokenizer))
-        return tables[-1]
+        def recorded(config: Any, tokenizer: Any) -> Any:
+            tables.append(build(config, tokenizer))
+            return tables[-1]
 
-    module._build_drop_info = recorded
-    try:
-        for _ in range(3):
-            harness.collect(Route.CHAT, {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 2})
-    finally:
-        module._build_drop_info = build
-    assert len(tables) >= 3, "chat requests no longer build the table: drop the fix"
-    assert all(table is tables[0] for table in tables), (
-        f"{len({id(t) for t in tables})} tables for one tokenizer"
-    )
+        module._build_drop_info = recorded
+        try:
+            for _ in range(3):
+                harness.collect(
+                    Route.CHAT, {"model": "tiny-mistral-v3", "messages": MESSAGES, "max_tokens": 2}
+                )
+        finally:
+            module._build_drop_info = build
+    assert len(tables) >= 3, "chat requests no longer build the table: " + _no_longer_needed(patch)
+    distinct = len({id(table) for table in tables})
+    if patched:
+        assert distinct == 1, f"{distinct} tables for one tokenizer"
+    else:
+        assert distinct == len(tables), _no_longer_needed(patch)

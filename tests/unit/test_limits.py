@@ -3,6 +3,7 @@ the request shapes OpenAI clients and vLLM accept all pass."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -93,19 +94,8 @@ BAD: list[Any] = [
     pytest.param("chat", chat(stop=[f"s{i}" for i in range(200)]), "stop", id="200-stop-strings"),
     pytest.param("chat", chat(stop="x" * 10_000), "stop", id="10kb-stop-string"),
     pytest.param("completion", completion(stop=["ok", "x" * 10_000]), "stop[1]", id="10kb-stop-in-list"),
-    pytest.param("chat", chat(stop=["ok", 3]), "stop[1]", id="stop-an-int-item"),
-    pytest.param("chat", chat(stop={"a": 1}), "stop", id="stop-an-object"),
     # tools
-    pytest.param("chat", chat(tools=WEATHER_TOOL), "tools", id="tools-not-a-list"),
     pytest.param("chat", chat(tools=[WEATHER_TOOL] * 500), "tools", id="500-tools"),
-    pytest.param("chat", chat(tools=["get_weather"]), "tools[0]", id="tool-a-string"),
-    pytest.param("chat", chat(tools=[{"type": "function"}]), "tools[0].function", id="tool-missing-function"),
-    pytest.param(
-        "chat",
-        chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]),
-        "tools[0].type",
-        id="tool-type",
-    ),
     pytest.param(
         "chat",
         chat(tools=[WEATHER_TOOL, {"type": "function", "function": {"name": "get weather!"}}]),
@@ -126,53 +116,11 @@ BAD: list[Any] = [
     ),
     pytest.param(
         "chat",
-        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "{}"}}]),
-        "tools[0].function.parameters",
-        id="tool-parameters-a-string",
-    ),
-    pytest.param(
-        "chat",
         chat(tools=[{"type": "function", "function": {"name": "f", "parameters": huge_schema(70_000)}}]),
         "tools[0]",
         id="tool-huge-schema",
     ),
-    pytest.param("chat", chat(tools=[WEATHER_TOOL], tool_choice="any"), "tool_choice", id="tool_choice-any"),
-    pytest.param("chat", chat(tools=[WEATHER_TOOL], tool_choice=1), "tool_choice", id="tool_choice-an-int"),
-    pytest.param(
-        "chat",
-        chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": "get_weather"}),
-        "tool_choice.function",
-        id="tool_choice-function-a-string",
-    ),
-    pytest.param(
-        "chat",
-        chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": 7}}),
-        "tool_choice.function.name",
-        id="tool_choice-name-an-int",
-    ),
     # response_format
-    pytest.param("chat", chat(response_format="json"), "response_format", id="response_format-a-string"),
-    pytest.param(
-        "chat", chat(response_format={"type": "yaml"}), "response_format.type", id="response_format-yaml"
-    ),
-    pytest.param(
-        "chat",
-        chat(response_format={"type": "json_schema"}),
-        "response_format.json_schema",
-        id="json_schema-missing",
-    ),
-    pytest.param(
-        "chat",
-        chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
-        "response_format.json_schema.name",
-        id="json_schema-name-missing",
-    ),
-    pytest.param(
-        "chat",
-        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
-        "response_format.json_schema.schema",
-        id="json_schema-schema-a-list",
-    ),
     pytest.param(
         "chat",
         chat(
@@ -241,7 +189,6 @@ BAD: list[Any] = [
     ),
     pytest.param("chat", json.loads('{"\\ud83d": 1, "messages": []}'), "\\ud83d", id="lone-surrogate-in-key"),
     # prompts
-    pytest.param("completion", completion(prompt={"text": "hi"}), "prompt", id="prompt-an-object"),
     pytest.param("completion", completion(prompt=["p"] * 1000), "prompt", id="1000-prompts"),
     pytest.param("completion", completion(prompt=[[1, 2]] * 1000), "prompt", id="1000-token-prompts"),
     pytest.param("completion", completion(prompt=["a", 1]), "prompt[1]", id="prompt-mixed"),
@@ -263,6 +210,67 @@ BAD: list[Any] = [
 ]
 
 
+# Shapes vLLM's request model refuses, so our checks leave them to it (tested below: it does).
+LEFT_TO_VLLM: list[Any] = [
+    pytest.param("chat", chat(stop=["ok", 3]), id="stop-an-int-item"),
+    pytest.param("chat", chat(stop={"a": 1}), id="stop-an-object"),
+    pytest.param("chat", chat(tools=WEATHER_TOOL), id="tools-not-a-list"),
+    pytest.param("chat", chat(tools=["get_weather"]), id="tool-a-string"),
+    pytest.param("chat", chat(tools=[{"type": "function"}]), id="tool-missing-function"),
+    pytest.param(
+        "chat",
+        chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]),
+        id="tool-type",
+    ),
+    pytest.param(
+        "chat",
+        chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "{}"}}]),
+        id="tool-parameters-a-string",
+    ),
+    pytest.param("chat", chat(tools=[WEATHER_TOOL], tool_choice="any"), id="tool_choice-any"),
+    pytest.param("chat", chat(tools=[WEATHER_TOOL], tool_choice=1), id="tool_choice-an-int"),
+    pytest.param(
+        "chat",
+        chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": "get_weather"}),
+        id="tool_choice-function-a-string",
+    ),
+    pytest.param(
+        "chat",
+        chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": 7}}),
+        id="tool_choice-name-an-int",
+    ),
+    pytest.param("chat", chat(response_format="json"), id="response_format-a-string"),
+    pytest.param("chat", chat(response_format={"type": "yaml"}), id="response_format-yaml"),
+    pytest.param(
+        "chat",
+        chat(response_format={"type": "json_schema"}),
+        id="json_schema-missing",
+    ),
+    pytest.param(
+        "chat",
+        chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+        id="json_schema-name-missing",
+    ),
+    pytest.param(
+        "chat",
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
+        id="json_schema-schema-a-list",
+    ),
+    pytest.param("completion", completion(prompt={"text": "hi"}), id="prompt-an-object"),
+]
+
+
+def vllm_parsed(route: str, payload: Any) -> Any:
+    """vLLM's request model of `payload` (what the vLLM engine checks), or None if it refuses it."""
+    from serve_app.engine.protocol import Route
+    from serve_app.engine.vllm.openai_layer import request_parsers
+
+    try:
+        return request_parsers()[Route(route)](payload)
+    except Exception:  # pydantic's ValidationError, vLLM's VLLMValidationError
+        return None
+
+
 @pytest.mark.parametrize(("route", "payload", "param"), BAD)
 def test_bad_requests_are_refused_naming_the_param(route: str, payload: Any, param: str | None) -> None:
     with pytest.raises(InputError) as caught:
@@ -274,6 +282,20 @@ def test_bad_requests_are_refused_naming_the_param(route: str, payload: Any, par
     assert body["error"]["code"] == 400
     assert body["error"]["type"] == "BadRequestError"
     assert body["error"]["param"] == param
+    # On the vLLM engine the bounds read vLLM's parsed request: where vLLM accepts the body,
+    # they refuse it all the same.
+    if isinstance(payload, dict) and (parsed := vllm_parsed(route, payload)) is not None:
+        with pytest.raises(InputError) as on_parsed:
+            check_request(route, payload, LIMITS, MAX_MODEL_LEN, parsed=parsed)
+        assert on_parsed.value.param == param
+
+
+@pytest.mark.parametrize(("route", "payload"), LEFT_TO_VLLM)
+def test_shapes_vllm_refuses_are_left_to_it(route: str, payload: Any) -> None:
+    assert vllm_parsed(route, payload) is None, "vLLM accepts it: check it here"
+    # The fake engine has no request model: the bounds pass over what they do not understand.
+    with contextlib.suppress(InputError):
+        check_request(route, payload, LIMITS, MAX_MODEL_LEN)
 
 
 def test_the_bad_corpus_is_large() -> None:
@@ -506,6 +528,9 @@ GOOD: list[Any] = [
 def test_valid_requests_pass(route: str, payload: Any) -> None:
     check_request(route, payload, LIMITS, MAX_MODEL_LEN)
     check_request(route, payload, LIMITS, None)
+    parsed = vllm_parsed(route, payload)
+    assert parsed is not None, "vLLM refuses a request the corpus calls valid"
+    check_request(route, payload, LIMITS, MAX_MODEL_LEN, parsed=parsed)
     # The same request, as the ingress sees it on the wire.
     check_request(route, decode_body(json.dumps(payload).encode()), LIMITS, MAX_MODEL_LEN)
 
@@ -551,4 +576,4 @@ def test_routes_may_be_given_as_the_route_enum() -> None:
 
     check_request(Route.CHAT, chat(), LIMITS, MAX_MODEL_LEN)
     with pytest.raises(InputError):
-        check_request(Route.COMPLETION, completion(prompt={}), LIMITS, MAX_MODEL_LEN)
+        check_request(Route.COMPLETION, completion(n=1000), LIMITS, MAX_MODEL_LEN)

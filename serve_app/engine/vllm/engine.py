@@ -137,8 +137,8 @@ class VLLMEngine(Engine):
         self, route: Route, body: bytes, serving: Any, parse: Callable[[Any], Any]
     ) -> tuple[Any, bool] | Head:
         """vLLM's request model of `body` and whether to hide the usage chunk we ask for; or the
-        error answer. Bounds are checked on what vLLM's request model accepts, so a request vLLM
-        refuses gets vLLM's own error, as from `vllm serve`."""
+        error answer. Bounds are checked once vLLM's request model has accepted the body (so a
+        request vLLM refuses gets vLLM's own error, as from `vllm serve`), on what it parsed."""
         try:
             if route is Route.CHAT:
                 check_images(
@@ -152,7 +152,7 @@ class VLLMEngine(Engine):
             hide_usage = generates and openai_layer.count_usage(payload)
             request = parse(payload)
             if generates:
-                check_request(route.value, payload, self.limits, self.info().max_model_len)
+                check_request(route.value, payload, self.limits, self.info().max_model_len, parsed=request)
             return request, hide_usage
         except ValidationError as exc:
             return await openai_layer.validation_error(exc, self._namespace)

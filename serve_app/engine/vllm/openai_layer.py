@@ -34,23 +34,27 @@ def _parser(annotation: Any) -> Callable[[Any], Any]:
     return TypeAdapter(annotation).validate_python
 
 
+def request_parsers() -> dict[Route, Callable[[Any], Any]]:
+    """vLLM's request model of each route, as a validator of a decoded JSON body."""
+    return {
+        Route.CHAT: _parser(import_first(CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")),
+        Route.COMPLETION: _parser(import_first(COMPLETION_PROTOCOL_MODULES, "CompletionRequest")),
+        Route.TOKENIZE: _parser(import_first(TOKENIZE_PROTOCOL_MODULES, "TokenizeRequest")),
+        Route.DETOKENIZE: _parser(import_first(TOKENIZE_PROTOCOL_MODULES, "DetokenizeRequest")),
+    }
+
+
 def routes(state: Any) -> Routes:
     """vLLM's serving objects that `init_app_state` built, with the request model of each route."""
+    parsers = request_parsers()
     found: Routes = {}
-    chat = state.openai_serving_chat
-    if chat is not None:
-        request = import_first(CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")
-        found[Route.CHAT] = (chat, _parser(request), chat.create_chat_completion)
-    completion = state.openai_serving_completion
-    if completion is not None:
-        request = import_first(COMPLETION_PROTOCOL_MODULES, "CompletionRequest")
-        found[Route.COMPLETION] = (completion, _parser(request), completion.create_completion)
-    tokenization = getattr(state, "serving_tokenization", None)
-    if tokenization is not None:
-        tokenize = import_first(TOKENIZE_PROTOCOL_MODULES, "TokenizeRequest")
-        detokenize = import_first(TOKENIZE_PROTOCOL_MODULES, "DetokenizeRequest")
-        found[Route.TOKENIZE] = (tokenization, _parser(tokenize), tokenization.create_tokenize)
-        found[Route.DETOKENIZE] = (tokenization, _parser(detokenize), tokenization.create_detokenize)
+    if (chat := state.openai_serving_chat) is not None:
+        found[Route.CHAT] = (chat, parsers[Route.CHAT], chat.create_chat_completion)
+    if (completion := state.openai_serving_completion) is not None:
+        found[Route.COMPLETION] = (completion, parsers[Route.COMPLETION], completion.create_completion)
+    if (tokenization := getattr(state, "serving_tokenization", None)) is not None:
+        found[Route.TOKENIZE] = (tokenization, parsers[Route.TOKENIZE], tokenization.create_tokenize)
+        found[Route.DETOKENIZE] = (tokenization, parsers[Route.DETOKENIZE], tokenization.create_detokenize)
     return found
 
 

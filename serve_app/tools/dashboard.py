@@ -1,6 +1,7 @@
 """The Grafana dashboard (mistral-serve-dashboard.json, beside this module), read outside Grafana: its metric names, and its panels as a PNG.
 
     python -m serve_app.tools.dashboard metrics
+    python -m serve_app.tools.dashboard export [mistral-serve-dashboard.json]
     python -m serve_app.tools.dashboard render --prometheus http://127.0.0.1:9090 --out docs/x.png \\
         --minutes 10 [--rows Traffic,Latency] [--model REGEX]
 
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "metrics", parents=[common], help="print the metric names the dashboard uses, one per line"
     )
+    export = sub.add_parser("export", help="write the dashboard's JSON, for Grafana (default: to stdout)")
+    export.add_argument("out", nargs="?", type=Path)
     rend = sub.add_parser("render", parents=[common], help="draw the panels from Prometheus to a PNG")
     rend.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus URL")
     rend.add_argument("--out", type=Path, required=True)
@@ -317,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     rend.add_argument("--rows", help="comma-separated row titles (default: all)")
     rend.add_argument("--model", default=".*", help="regex for $model (default: all)")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        text = DEFAULT_DASHBOARD.read_text()
+        if args.out is None:
+            sys.stdout.write(text)
+        else:
+            args.out.write_text(text)
+            print(f"wrote {args.out}")
+        return 0
     try:
         dashboard = load_dashboard(args.dashboard)
         if args.command == "metrics":

@@ -62,7 +62,9 @@ class Served:
 
 
 @contextmanager
-def served(command: list[str], startup_timeout_s: float, *, kill: bool = False) -> Iterator[Served]:
+def served(
+    command: list[str], startup_timeout_s: float, *, kill: bool = False, env: dict[str, str] | None = None
+) -> Iterator[Served]:
     """Run `command` until it prints "Ready in"; on exit, Ctrl-C it and check that it said
     "Stopped." and left no process behind. With `kill`, SIGKILL the command alone instead (as
     the OOM killer or a process manager would) and check only that nothing is left."""
@@ -77,7 +79,7 @@ def served(command: list[str], startup_timeout_s: float, *, kill: bool = False) 
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     run = Served(proc)
     ready = threading.Event()

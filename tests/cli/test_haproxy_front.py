@@ -66,7 +66,7 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
 def test_haproxy_front_streams_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     config = _config(tmp_path / "serve.yaml", port)
-    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"]
+    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy", "--no-dashboard"]
     with served(command, STARTUP_TIMEOUT_S) as run:
         assert "haproxy front" in run.output and "8404" in run.output, run.output  # the open ports are told
 
@@ -131,7 +131,7 @@ def test_a_killed_run_leaves_no_haproxy_behind(tmp_path: Path) -> None:
     but not HAProxy, which a Ray worker starts: the run's sidecar must stop it."""
     port = free_port()
     config = _config(tmp_path / "serve.yaml", port)
-    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy"]
+    command = [sys.executable, "-m", "serve_app", "run", str(config), "--front", "haproxy", "--no-dashboard"]
     with served(command, STARTUP_TIMEOUT_S, kill=True) as run:
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
         assert models.status_code == 200

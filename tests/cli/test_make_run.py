@@ -1,10 +1,14 @@
-"""`make run` serves both demo models, and Ctrl-C leaves no process behind."""
+"""`make run` serves both demo models, shows the Ray dashboard on loopback, and Ctrl-C leaves no
+process behind."""
 
 from __future__ import annotations
+
+import re
 
 import httpx
 
 from serve_app.local.launcher import free_port
+from serve_app.local.ray_token import auth_headers
 from tests.cli.conftest import served
 
 STARTUP_TIMEOUT_S = 420
@@ -23,6 +27,13 @@ def test_make_run_serves_both_models_and_ctrl_c_stops_everything() -> None:
             )
             assert resp.status_code == 200, resp.text
             assert resp.json()["usage"]["completion_tokens"] == 3
+        # The Ray dashboard runs by default, on loopback, and lists the application.
+        found = re.search(
+            r"Ray dashboard: (http://127\.0\.0\.1:\d+) \(sign in with the token in (\S+)", run.output
+        )
+        assert found, run.output
+        apps = httpx.get(f"{found[1]}/api/serve/applications/", headers=auth_headers(), timeout=30)
+        assert apps.status_code == 200 and "mistral" in apps.json()["applications"], apps.text
         seen = run.look()
         assert any("EngineCore" in c for c in seen.values()), seen
         assert any("raylet" in c for c in seen.values()), seen

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from tests.serve.conftest import RunningApp
+from tests.support.expected import model_not_found
 
 MODELS = ["tiny-mistral-v3", "tiny-mistral-tekken"]
 MESSAGES = [{"role": "user", "content": "Who is the best French painter? Answer in one short sentence."}]
@@ -131,14 +132,7 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, local_app: 
     assert err.value.status_code == 404
     resp = httpx.get(f"{local_app.url}/v1/models/mistral-huge", timeout=60)
     assert resp.status_code == 404
-    assert resp.json() == {
-        "error": {
-            "message": "The model `mistral-huge` does not exist.",
-            "type": "NotFoundError",
-            "param": "model",
-            "code": 404,
-        }
-    }
+    assert resp.json() == model_not_found("mistral-huge")
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,18 @@ def test_minimal_entry_for_a_mistral_layout_gets_mistral_settings() -> None:
     deployments = _deployments(build_openai_app(config))
     bound = deployments["demo"]
     assert bound.init_args[0].engine_args["tokenizer_mode"] == "mistral"  # type: ignore[attr-defined]
+
+
+def test_each_ingress_replica_is_given_its_share_of_the_quotas() -> None:
+    config = load_app_config(
+        {
+            "models": [{"id": "m", "source": "none", "engine": "fake", "num_gpus": 0}],
+            "ingress": {"num_replicas": 2},
+            "quotas": {"default": {"requests_per_minute": 600, "concurrent_requests": 5}},
+        }
+    )
+    ingress = build_openai_app(config)._bound_deployment
+    handles, cards, _auth, _observability, quotas, _limits = ingress.init_args
+    assert quotas == config.quotas.share(2)
+    assert quotas.default.requests_per_minute == 300 and quotas.default.concurrent_requests == 3
+    assert [card.id for card in cards] == ["m"] and set(handles) == {"m"}

@@ -1,4 +1,4 @@
-"""The Grafana dashboard of cluster/grafana/ and serve_app.tools.dashboard, which reads and renders it.
+"""The Grafana dashboard (shipped in serve_app/tools) and serve_app.tools.dashboard, which reads and renders it.
 
 Rendering runs against a fake Prometheus (http.server in a thread) that answers query_range with
 a matrix; nothing else starts.
@@ -297,3 +297,25 @@ def test_cli_errors_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     (tmp_path / "bad.json").write_text("{")
     assert dash.main(["metrics", "--dashboard", str(tmp_path / "bad.json")]) == 1
     assert capsys.readouterr().err.startswith("error: cannot read dashboard")
+
+
+def test_export_writes_the_shipped_dashboard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "board.json"
+    assert dash.main(["export", str(out)]) == 0
+    assert json.loads(out.read_text())["uid"] == "mistral-serve"
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert dash.main(["export"]) == 0
+    assert json.loads(capsys.readouterr().out)["uid"] == "mistral-serve"
+
+
+def test_the_dashboard_ships_inside_the_package() -> None:
+    """An installed wheel has it too: it is package data, beside the module that reads it."""
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    assert dash.DEFAULT_DASHBOARD.parent == Path(dash.__file__).parent
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert dash.DEFAULT_DASHBOARD.name in {
+        p.replace("*", dash.DEFAULT_DASHBOARD.stem) for p in data["serve_app.tools"]
+    }

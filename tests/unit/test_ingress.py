@@ -22,6 +22,7 @@ from serve_app.config import AppConfig, load_app_config
 from serve_app.guards.auth import hash_key
 from serve_app.serving.server import ModelServer
 from serve_app.serving.telemetry import ACCESS_LOGGER
+from tests.support.expected import model_not_found
 from tests.support.inprocess import FailingReplicas, InProcessApp, in_process_app, run
 
 CHAT = "/v1/chat/completions"
@@ -124,14 +125,7 @@ def test_model_is_required_unless_one_model_is_served() -> None:
             unknown = await http.post(CHAT, json=chat("gpt-17"))
         assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
         assert unknown.status_code == 404
-        assert unknown.json() == {
-            "error": {
-                "message": "The model `gpt-17` does not exist.",
-                "type": "NotFoundError",
-                "param": "model",
-                "code": 404,
-            }
-        }
+        assert unknown.json() == model_not_found("gpt-17")
 
     async def one(app: InProcessApp) -> None:
         async with app.client() as http:

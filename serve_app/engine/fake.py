@@ -45,7 +45,7 @@ class FakeEngineArgs(BaseModel):
     )
 
 
-class _Slots:
+class Slots:
     """`max_num_seqs` generation slots; waiting requests get them in the scheduling policy's order."""
 
     def __init__(self, slots: int, by_priority: bool) -> None:
@@ -101,7 +101,7 @@ class FakeEngine(Engine):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.args = FakeEngineArgs.model_validate(config.engine_args)
-        self._slots = _Slots(self.args.max_num_seqs, self.args.scheduling_policy == "priority")
+        self._slots = Slots(self.args.max_num_seqs, self.args.scheduling_policy == "priority")
         self._in_flight = 0
         self._running = 0
         self._started = False

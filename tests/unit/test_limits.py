@@ -263,10 +263,10 @@ LEFT_TO_VLLM: list[Any] = [
 def vllm_parsed(route: str, payload: Any) -> Any:
     """vLLM's request model of `payload` (what the vLLM engine checks), or None if it refuses it."""
     from serve_app.engine.protocol import Route
-    from serve_app.engine.vllm.openai_layer import request_parsers
+    from serve_app.engine.vllm.openai_layer import request_parser
 
     try:
-        return request_parsers()[Route(route)](payload)
+        return request_parser(Route(route))(payload)
     except Exception:  # pydantic's ValidationError, vLLM's VLLMValidationError
         return None
 

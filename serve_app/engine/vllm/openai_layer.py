@@ -3,6 +3,7 @@ each route, and its answers turned into the engine contract's items."""
 
 from __future__ import annotations
 
+import functools
 import json
 from argparse import Namespace
 from collections.abc import Callable
@@ -34,27 +35,35 @@ def _parser(annotation: Any) -> Callable[[Any], Any]:
     return TypeAdapter(annotation).validate_python
 
 
-def request_parsers() -> dict[Route, Callable[[Any], Any]]:
-    """vLLM's request model of each route, as a validator of a decoded JSON body."""
-    return {
-        Route.CHAT: _parser(import_first(CHAT_PROTOCOL_MODULES, "ChatCompletionRequest")),
-        Route.COMPLETION: _parser(import_first(COMPLETION_PROTOCOL_MODULES, "CompletionRequest")),
-        Route.TOKENIZE: _parser(import_first(TOKENIZE_PROTOCOL_MODULES, "TokenizeRequest")),
-        Route.DETOKENIZE: _parser(import_first(TOKENIZE_PROTOCOL_MODULES, "DetokenizeRequest")),
-    }
+# Where each release keeps each route's request model (compat), and its name.
+_REQUEST_MODELS = {
+    Route.CHAT: (CHAT_PROTOCOL_MODULES, "ChatCompletionRequest"),
+    Route.COMPLETION: (COMPLETION_PROTOCOL_MODULES, "CompletionRequest"),
+    Route.TOKENIZE: (TOKENIZE_PROTOCOL_MODULES, "TokenizeRequest"),
+    Route.DETOKENIZE: (TOKENIZE_PROTOCOL_MODULES, "DetokenizeRequest"),
+}
+
+
+@functools.cache
+def request_parser(route: Route) -> Callable[[Any], Any]:
+    """vLLM's request model of `route`, as a validator of a decoded JSON body."""
+    modules, name = _REQUEST_MODELS[route]
+    return _parser(import_first(modules, name))
 
 
 def routes(state: Any) -> Routes:
     """vLLM's serving objects that `init_app_state` built, with the request model of each route."""
-    parsers = request_parsers()
     found: Routes = {}
     if (chat := state.openai_serving_chat) is not None:
-        found[Route.CHAT] = (chat, parsers[Route.CHAT], chat.create_chat_completion)
+        found[Route.CHAT] = (chat, request_parser(Route.CHAT), chat.create_chat_completion)
     if (completion := state.openai_serving_completion) is not None:
-        found[Route.COMPLETION] = (completion, parsers[Route.COMPLETION], completion.create_completion)
+        found[Route.COMPLETION] = (completion, request_parser(Route.COMPLETION), completion.create_completion)
     if (tokenization := getattr(state, "serving_tokenization", None)) is not None:
-        found[Route.TOKENIZE] = (tokenization, parsers[Route.TOKENIZE], tokenization.create_tokenize)
-        found[Route.DETOKENIZE] = (tokenization, parsers[Route.DETOKENIZE], tokenization.create_detokenize)
+        for route, create in (
+            (Route.TOKENIZE, tokenization.create_tokenize),
+            (Route.DETOKENIZE, tokenization.create_detokenize),
+        ):
+            found[route] = (tokenization, request_parser(route), create)
     return found
 
 

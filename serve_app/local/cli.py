@@ -4,9 +4,10 @@
     python -m serve_app check CONFIG        # validate a config and build the app, start nothing
     python -m serve_app models [DIR]        # write the demo models (default: ./models)
 
-`run` starts a private local Ray instance, deploys the application, shows progress while the
-engines load, prints the URL, and on Ctrl-C (or SIGTERM) stops everything it started.
-To deploy to an existing Ray cluster use `serve deploy CONFIG` instead.
+`run` starts a private local Ray instance (serve_app.local.launcher: never a cluster that runs
+on the machine already), deploys the application, shows progress while the engines load, prints
+the URL and the Ray dashboard's (`--no-dashboard`: none), and on Ctrl-C (or SIGTERM) stops
+everything it started. To deploy to a Ray cluster, use `serve deploy CONFIG` instead.
 """
 
 from __future__ import annotations

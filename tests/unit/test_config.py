@@ -71,13 +71,9 @@ def test_defaults_and_derived_names() -> None:
 def test_every_field_is_described() -> None:
     from serve_app import config as cfg
 
-    for model in (
-        cfg.AutoscalingOptions,
-        cfg.DeploymentOptions,
-        cfg.ModelConfig,
-        cfg.IngressOptions,
-        cfg.AppConfig,
-    ):
+    models = [m for m in vars(cfg).values() if isinstance(m, type) and issubclass(m, cfg.StrictModel)]
+    assert len(models) >= 12
+    for model in models:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
 
@@ -150,6 +146,14 @@ def test_serve_file_errors(tmp_path: Path) -> None:
                 {"applications": [{"import_path": "serve_app.serving.builder:build_app", "args": [1]}]},
             )
         )
+
+
+def test_the_former_import_path_is_named_with_the_new_one(tmp_path: Path) -> None:
+    old = {"applications": [{"name": "mistral", "import_path": "serve_app.builder:build_app", "args": {}}]}
+    with pytest.raises(
+        ConfigError, match=r"applications\[0\]\.import_path: .*'serve_app\.serving\.builder:build_app'"
+    ):
+        load_serve_file(_app(tmp_path, old))
 
 
 def test_config_is_immutable() -> None:

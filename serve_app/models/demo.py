@@ -103,6 +103,10 @@ def _text_params(vocab_size: int) -> dict[str, object]:
         "vocab_size": vocab_size,
         "rope_theta": 1_000_000.0,
         "max_seq_len": MAX_SEQ_LEN,
+        # Without it, vLLM 0.32 looks for a Hugging Face config.json to read the context length
+        # from, retrying every 2 s, 11 times per engine start: 62 s to start a demo engine,
+        # against 38 s with it (measured on 2 cores).
+        "max_position_embeddings": MAX_SEQ_LEN,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def stop_local_ray(owned: set[int], keep: frozenset[int] = frozenset()) -> int:
     return left
 
 
+_RAY_METHOD = re.compile(r"\.[a-z_][a-z0-9_]*$")
 # Ray's own daemons, which run as plain programs (their command line names their script).
 _RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py")
 
@@ -76,7 +78,9 @@ def label_of(cmdline: Sequence[str]) -> str:
         return "?"
     title = cmdline[0].split(" ")[0]
     if title.startswith("ray::"):
-        return title[len("ray::") :]
+        # Ray adds the method an actor is running (`ProxyActor.receive_asgi_messages`): drop it,
+        # so that one process keeps one name.
+        return _RAY_METHOD.sub("", title[len("ray::") :])
     if "::" in title:
         return title
     for daemon in _RAY_DAEMONS:

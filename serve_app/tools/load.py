@@ -60,6 +60,11 @@ class Result:
     openai_error: bool = False  # a refusal came as an OpenAI error body ({"error": {...}})
     exception: str | None = None  # the client exception's type, when there was no HTTP answer
 
+    @property
+    def complete(self) -> bool:
+        """Answered whole, without an error."""
+        return self.done and self.error is None
+
 
 def chat_call(
     model: str, content: str, max_tokens: int, *, stream: bool = True, kind: str = "", **extra: Any
@@ -183,6 +188,18 @@ async def send(
         result.error = f"{type(exc).__name__}: {str(exc)[:200]}"
     result.latency_s = time.perf_counter() - sent
     return result
+
+
+def send_one(base_url: str, call: Call, api_key: str | None = None, read_timeout_s: float = 600.0) -> Result:
+    """Send one call from a thread with no event loop, and read its answer whole."""
+    import aiohttp
+
+    async def go() -> Result:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            return await send(session, base_url, call, time.perf_counter(), api_key)
+
+    return asyncio.run(go())
 
 
 def _asks_usage(call: Call) -> bool:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 
 from serve_app.config import load_app_config, load_serve_file
 from serve_app.local.launcher import free_port
+from serve_app.tools.load import LoadThread, Result, chat_call, send_one
 from tests.cluster.conftest import APP, SERVE_API_LOCK, ReplicaTrace, wait_for
 from tests.conftest import ROOT
 
@@ -74,33 +74,8 @@ def deploy(models: list[dict[str, Any]]) -> None:
     serve.run(app, name=APP, route_prefix="/")
 
 
-@dataclass
-class Result:
-    status: int
-    complete: bool
-    started: float
-    ttft_s: float | None
-
-
 def stream_chat(url: str, model: str, max_tokens: int = 40) -> Result:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    start = time.monotonic()
-    ttft = None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as resp:
-        if resp.status_code != 200:
-            resp.read()
-            return Result(resp.status_code, False, start, None)
-        data = ""
-        for text in resp.iter_text():
-            if ttft is None:
-                ttft = time.monotonic() - start
-            data += text
-    return Result(200, data.endswith("data: [DONE]\n\n"), start, ttft)
+    return send_one(url, chat_call(model, "hi", max_tokens), read_timeout_s=300)
 
 
 def run_load(
@@ -115,26 +90,15 @@ def run_load(
     """`clients` concurrent streaming clients, each sending requests back to back for `seconds`,
     then on until `until()` holds (at most `limit_s` in all): a slow machine scales late, and
     load that stops first would never see it."""
-    results: list[Result] = []
-    lock = threading.Lock()
+    call = chat_call(model, "hi", max_tokens)
+    load = LoadThread(url, lambda: call, clients, read_timeout_s=300).start()
     start = time.monotonic()
-
-    def going() -> bool:
-        elapsed = time.monotonic() - start
-        if elapsed < seconds:
-            return True
-        return until is not None and elapsed < limit_s and not until()
-
-    def client() -> None:
-        while going():
-            r = stream_chat(url, model, max_tokens)
-            with lock:
-                results.append(r)
-
-    with ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client) for _ in range(clients)]:
-            f.result()
-    return results
+    while (elapsed := time.monotonic() - start) < seconds or (
+        until is not None and elapsed < limit_s and not until()
+    ):
+        time.sleep(0.1)
+    load.stop()
+    return load.join()
 
 
 def replica_nodes(deployment: str) -> list[str]:

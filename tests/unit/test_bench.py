@@ -126,6 +126,10 @@ def test_prompt_and_arguments() -> None:
 
 def test_process_labels_name_ray_workers_and_programs() -> None:
     assert label_of(["ray::ServeReplica:bench:OpenAIIngress", ""]) == "ServeReplica:bench:OpenAIIngress"
+    assert label_of(["ray::ProxyActor.receive_asgi_messages"]) == "ProxyActor"  # the method it runs
+    replica = "ServeReplica:app:mistralai--Mistral-7B-Instruct-v0.3"
+    assert label_of([f"ray::{replica}.initialize_and_get_metadata"]) == replica
+    assert label_of([f"ray::{replica}"]) == replica
     assert label_of(["VLLM::EngineCore"]) == "VLLM::EngineCore"
     assert label_of(["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server"]) == (
         "python3 -m vllm.entrypoints.openai.api_server"

@@ -7,8 +7,8 @@ Ray beside it, and stopping `run` must leave that cluster and its application se
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -83,13 +83,16 @@ def their_cluster() -> Iterator[tuple[str, int, int]]:
         assert len(gcs) == 1, "their cluster has no GCS server"
         yield address, gcs[0], http_port
     finally:
-        tree = [head, *psutil.Process(head.pid).children(recursive=True)]
-        os.killpg(head.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(
-            [psutil.Process(p.pid) for p in tree if psutil.pid_exists(p.pid)], timeout=20
-        )
+        # Every process of that cluster at once (`ray stop` would stop every Ray on the machine).
+        tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=10)
         for proc in alive:
-            proc.kill()
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        head.wait()
 
 
 def _theirs(http_port: int) -> str:

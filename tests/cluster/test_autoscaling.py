@@ -139,8 +139,8 @@ def test_load_step_scales_up_across_gpu_nodes_and_back_down(url: str, trace: lis
                 nodes.extend(replica_nodes("step"))
             return bool(nodes)
 
-    # 9 streams, target 3 per replica: for 25 s, and on until 3 replicas run.
-    results = run_load(url, "step", clients=9, seconds=25, until=three_running)
+    # 9 streams, target 3 per replica: for 15 s, and on until 3 replicas run.
+    results = run_load(url, "step", clients=9, seconds=15, until=three_running)
     assert results and all(r.status == 200 and r.complete for r in results), [
         r for r in results if not r.complete
     ]
@@ -258,18 +258,18 @@ def test_load_step_picture(url: str, tmp_path: Path) -> None:
         dashboard="http://127.0.0.1:8265",
         before=2,
         after=12,
-        step_at_s=8,
-        duration_s=40,
+        step_at_s=6,
+        duration_s=32,
         max_tokens=40,
     )
     summary = result.summary()
     report("load_step_picture", **summary)
     assert summary["failed"] == 0 and summary["requests"] > 50
     # 12 clients at 3 per replica ask for 4; a loaded machine may not start all 4 within the
-    # 32 s of load, so the peak is a figure, bounded by max_replicas.
+    # 26 s of load, so the peak is a figure, bounded by max_replicas.
     assert summary["replicas_before"] == 1 and 2 <= summary["replicas_peak"] <= 4
     decision = summary["step_to_scale_up_decision_s"]
-    assert decision is not None and decision < 30  # the load lasts 32 s after the step
+    assert decision is not None and decision < 24  # the load lasts 26 s after the step
     out = (
         (ROOT / "docs" / "autoscaling-load-step.png")
         if os.environ.get("MISTRAL_SERVE_DOCS")

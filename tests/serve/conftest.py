@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serve_app.config import AppConfig, load_app_config, load_serve_file
@@ -85,3 +89,41 @@ def engines_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"{model.id}'s engine still holds {held} {IDLE_WITHIN_S} s after the test"
             )
             time.sleep(0.05)
+
+
+def long_chat(model: str, stream: bool = True) -> dict[str, object]:
+    """A chat request far longer than any test waits for: it ends when its client leaves."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+@contextmanager
+def streams_held(url: str, model: str, count: int) -> Iterator[None]:
+    """`count` long streams, each generating (its first event read) while the block runs; on
+    leaving it, every client closes its connection mid-stream at once."""
+    opened = threading.Barrier(count + 1)
+    leave = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_chat(model), timeout=120) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()  # keep it: a dropped iterator closes the connection
+            next(lines)  # generating
+            opened.wait()
+            leave.wait()
+        # leaving the block closes the connection mid-stream
+
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(stream) for _ in range(count)]
+        try:
+            opened.wait(timeout=120)
+            yield
+        finally:
+            leave.set()
+        for f in futures:
+            f.result()

@@ -9,14 +9,10 @@ arithmetic in tests/unit.
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
 
 from serve_app.serving.autoscaling import KV_CACHE, RUNNING, WAITING
-from tests.serve.conftest import APP_NAME, RunningApp
+from tests.serve.conftest import APP_NAME, RunningApp, streams_held
 
 MODEL = "tiny-mistral-v3"
 STREAMS = 3
@@ -35,36 +31,11 @@ def _report(app: RunningApp) -> dict[str, float]:
 def test_a_vllm_replica_reports_the_requests_its_engine_holds(local_app: RunningApp) -> None:
     idle = _report(local_app)
     assert idle == {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}, idle
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    opened = threading.Barrier(STREAMS + 1)
-    leave = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream("POST", f"{local_app.url}/v1/chat/completions", json=body, timeout=120) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            next(lines)  # generating
-            opened.wait()
-            leave.wait()
-
-    with ThreadPoolExecutor(STREAMS) as pool:
-        futures = [pool.submit(stream) for _ in range(STREAMS)]
-        try:
-            opened.wait(timeout=120)
-            deadline = time.monotonic() + 10
-            # The engine's scheduler counts a request once it has taken a step with it.
-            while (busy := _report(local_app))[RUNNING] + busy[WAITING] < STREAMS:
-                assert time.monotonic() < deadline, busy
-                time.sleep(0.1)
-        finally:
-            leave.set()
-        for f in futures:
-            f.result()
+    with streams_held(local_app.url, MODEL, STREAMS):
+        deadline = time.monotonic() + 10
+        # The engine's scheduler counts a request once it has taken a step with it.
+        while (busy := _report(local_app))[RUNNING] + busy[WAITING] < STREAMS:
+            assert time.monotonic() < deadline, busy
+            time.sleep(0.1)
     assert busy[RUNNING] + busy[WAITING] == STREAMS, busy
     assert 0.0 < busy[KV_CACHE] <= 1.0, busy

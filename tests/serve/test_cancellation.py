@@ -7,27 +7,16 @@ finish by themselves, so a request the engine kept still fails the test.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tests.serve.conftest import RunningApp
+from tests.serve.conftest import RunningApp, long_chat, streams_held
 
 MODEL = "tiny-mistral-v3"
 STREAMS = 24
 RELEASED_WITHIN_S = 5.0
-
-
-def _long(stream: bool) -> dict[str, object]:
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "max_tokens": 3000,
-        "ignore_eos": True,
-        "stream": stream,
-    }
 
 
 def _drained_within(app: RunningApp, timeout_s: float) -> float:
@@ -44,30 +33,9 @@ def _drained_within(app: RunningApp, timeout_s: float) -> float:
 
 def test_many_streams_left_at_once_free_the_engine(local_app: RunningApp) -> None:
     assert local_app.engine_stats(MODEL) == 0
-    opened = threading.Barrier(STREAMS + 1)
-    leave = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream(
-            "POST", f"{local_app.url}/v1/chat/completions", json=_long(True), timeout=120
-        ) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()  # keep it: a dropped iterator closes the connection
-            next(lines)  # generating
-            opened.wait()
-            leave.wait()
-        # leaving the block closes the connection mid-stream
-
-    with ThreadPoolExecutor(STREAMS) as pool:
-        futures = [pool.submit(stream) for _ in range(STREAMS)]
-        try:
-            opened.wait(timeout=120)
-            held = local_app.engine_load(MODEL)
-            assert held.in_flight == STREAMS, held
-        finally:
-            leave.set()
-        for f in futures:
-            f.result()
+    with streams_held(local_app.url, MODEL, STREAMS):
+        held = local_app.engine_load(MODEL)
+        assert held.in_flight == STREAMS, held
     took = _drained_within(local_app, RELEASED_WITHIN_S)
     print(f"\n{STREAMS} streams left at once: engine empty {took * 1000:.0f} ms after the last close")
 
@@ -79,7 +47,9 @@ def test_non_streaming_clients_that_leave_free_the_engine(local_app: RunningApp)
         # machine): httpx closes the connection on the timeout.
         def ask(_: int) -> None:
             try:
-                httpx.post(f"{local_app.url}/v1/chat/completions", json=_long(False), timeout=4.0)
+                httpx.post(
+                    f"{local_app.url}/v1/chat/completions", json=long_chat(MODEL, stream=False), timeout=4.0
+                )
             except httpx.TimeoutException:
                 return
             raise AssertionError("the request finished before the client left")

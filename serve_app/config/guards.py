@@ -137,7 +137,15 @@ class RequestLimits(StrictModel):
     """
 
     max_body_bytes: int = Field(
-        1_048_576, ge=1, description="Largest request body, in bytes; a larger one gets 413."
+        1_048_576,
+        ge=1,
+        description="Largest request body, in bytes; a larger one gets 413, as soon as the ingress has "
+        "read that much of it (or at once, when the client declares a larger Content-Length).",
+    )
+    max_body_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send its whole request body; a slower one gets 408.",
     )
     max_header_bytes: int = Field(
         8_192,

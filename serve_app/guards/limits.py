@@ -76,12 +76,12 @@ class InputError(ApiError):
         super().__init__(status, message, param=param)
 
 
-def check_body_size(length: int, limits: RequestLimits) -> None:
-    """Raise InputError (413) if a body of `length` bytes is over the limit."""
+def check_body_size(length: int, limits: RequestLimits, *, so_far: bool = False) -> None:
+    """Raise InputError (413) if a body of `length` bytes (`so_far`: read so far) is over the limit."""
     if length > limits.max_body_bytes:
+        size = f"over {limits.max_body_bytes} bytes" if so_far else f"{length} bytes"
         raise InputError(
-            f"The request body is {length} bytes; the limit is {limits.max_body_bytes} bytes.",
-            status=413,
+            f"The request body is {size}; the limit is {limits.max_body_bytes} bytes.", status=413
         )
 
 
@@ -116,11 +116,18 @@ def decode_body(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise InputError("The request body is not valid UTF-8.") from None
     try:
-        return json.loads(text)
-    except ValueError as exc:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
         raise InputError(f"The request body is not valid JSON: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts (4,300)
+        raise InputError("The request body holds a number too long to read.") from None
     except RecursionError:
         raise InputError("The request body is not valid JSON: it is nested too deeply.") from None
+
+
+def _no_constant(name: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity` are not JSON, though Python's parser takes them."""
+    raise InputError(f"The request body is not valid JSON: {name} is not a JSON number.")
 
 
 def check_request(

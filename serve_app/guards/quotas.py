@@ -64,13 +64,46 @@ class Rejection:
 class Admission:
     """A request let in: hand it back to `Quotas.release` when it ends."""
 
+    identity: str
     scopes: tuple[_Usage, ...]
     priority: int | None
     released: bool = False
 
 
+def _refusal(
+    scope: _Usage, where: str, requests: int, *, sequences: int = 1, entering: bool, now: float
+) -> Rejection | None:
+    """Why `scope` cannot take `requests` more requests now, for a request of `sequences`
+    sequences in all (None: it can). `entering`: the request takes one of its concurrent slots."""
+    if entering and scope.concurrent_limit is not None and scope.concurrent >= scope.concurrent_limit:
+        return Rejection(f"Too many concurrent requests for {where} (limit {scope.concurrent_limit}).", 1)
+    if scope.requests is not None:
+        bucket = scope.requests
+        if sequences > bucket.per_minute:
+            return Rejection(
+                f"The request asks for {sequences} sequences; {where} may run {bucket.per_minute:g} a minute.",
+                60,
+            )
+        bucket.refill(now)
+        if (wait := bucket.wait_s(requests)) > 0:
+            return Rejection(f"Request rate limit reached for {where}.", math.ceil(wait))
+    if entering and scope.tokens is not None:
+        scope.tokens.refill(now)
+        if scope.tokens.level <= 0:
+            return Rejection(
+                f"Token rate limit reached for {where}.", max(1, math.ceil(scope.tokens.wait_s(0)))
+            )
+    return None
+
+
 class Quotas:
-    """The quota state of one ingress replica."""
+    """The quota state of one ingress replica.
+
+    A request is admitted in two steps: on its key's limits as soon as its key is known
+    (`admit`, before its body is read, so that slow bodies hold the key's slots), then on the
+    limits of the model its body names (`admit_to_model`), where it is also charged one request
+    for each sequence it asks for beyond the first.
+    """
 
     def __init__(self, options: QuotaOptions) -> None:
         self._options = options
@@ -93,34 +126,37 @@ class Quotas:
             self._usage[key] = usage
         return usage
 
-    def admit(self, identity: str, model: str) -> Admission | Rejection:
-        """Let a request of `identity` to `model` in, or say when to retry."""
+    def admit(self, identity: str) -> Admission | Rejection:
+        """Let a request of `identity` in on its key's limits, or say when to retry."""
         options = self._options
         key_quota = options.keys.get(identity)
         limits = key_quota.merged(options.default) if key_quota else options.default
-        scopes = [self._scope(identity, None, limits)]
-        if key_quota and model in key_quota.models:
-            scopes.append(self._scope(identity, model, key_quota.models[model]))
+        scope = self._scope(identity, None, limits)
+        if (refusal := _refusal(scope, "this API key", 1, entering=True, now=time.monotonic())) is not None:
+            return refusal
+        _take(scope, 1)
+        return Admission(identity, (scope,), key_quota.priority if key_quota else None)
+
+    def admit_to_model(self, admission: Admission, model: str, sequences: int = 1) -> Rejection | None:
+        """Admit a request let in by `admission` on `model`'s own limits for its key, charging
+        each scope one request per sequence beyond the first; None when admitted. On a refusal,
+        release the admission."""
+        key_quota = self._options.keys.get(admission.identity)
         now = time.monotonic()
-        for scope, where in zip(scopes, ("this API key", f"this API key on `{model}`"), strict=False):
-            if scope.concurrent_limit is not None and scope.concurrent >= scope.concurrent_limit:
-                return Rejection(
-                    f"Too many concurrent requests for {where} (limit {scope.concurrent_limit}).", 1
-                )
-            if scope.requests is not None:
-                scope.requests.refill(now)
-                if (wait := scope.requests.wait_s(1)) > 0:
-                    return Rejection(f"Request rate limit reached for {where}.", math.ceil(wait))
-            if scope.tokens is not None:
-                scope.tokens.refill(now)
-                if scope.tokens.level <= 0:
-                    wait = scope.tokens.wait_s(0)
-                    return Rejection(f"Token rate limit reached for {where}.", max(1, math.ceil(wait)))
-        for scope in scopes:
-            scope.concurrent += 1
-            if scope.requests is not None:
-                scope.requests.level -= 1
-        return Admission(tuple(scopes), key_quota.priority if key_quota else None)
+        extra = max(0, sequences - 1)
+        (key_scope,) = admission.scopes
+        steps = [(key_scope, "this API key", extra, False)]
+        if key_quota and model in key_quota.models:
+            scope = self._scope(admission.identity, model, key_quota.models[model])
+            steps.append((scope, f"this API key on `{model}`", sequences, True))
+        for scope, where, requests, entering in steps:
+            refusal = _refusal(scope, where, requests, sequences=sequences, entering=entering, now=now)
+            if refusal is not None:
+                return refusal
+        for scope, _, requests, entering in steps:
+            _take(scope, requests, entering=entering)
+        admission.scopes = tuple(scope for scope, *_ in steps)
+        return None
 
     def release(self, admission: Admission, tokens: int) -> None:
         """The request ended, having used `tokens` (prompt + completion)."""
@@ -133,3 +169,10 @@ class Quotas:
             if scope.tokens is not None and tokens:
                 scope.tokens.refill(now)
                 scope.tokens.level -= tokens
+
+
+def _take(scope: _Usage, requests: int, *, entering: bool = True) -> None:
+    if entering:
+        scope.concurrent += 1
+    if scope.requests is not None:
+        scope.requests.level -= requests

@@ -70,6 +70,11 @@ class ServedModel:
             response.cancel()
 
 
+def shown(name: str, limit: int = 100) -> str:
+    """A client's name for a model as an error repeats it: cut short past `limit` characters."""
+    return name if len(name) <= limit else name[:limit] + "..."
+
+
 def stream_handle(handle: DeploymentHandle) -> DeploymentHandle:
     """The handle that streams `generate` from a model deployment.
 
@@ -112,7 +117,7 @@ class Catalog:
         """The model served under `name`; ApiError 404 if there is none."""
         model = self._by_name.get(name)
         if model is None:
-            raise ApiError(404, f"The model `{name}` does not exist.", param="model")
+            raise ApiError(404, f"The model `{shown(name)}` does not exist.", param="model")
         return model
 
     def of_payload(self, payload: Mapping[str, Any]) -> tuple[str, ServedModel]:

@@ -2,8 +2,10 @@
 
 A request waits (not failed) while the model has no free replica, e.g. while it scales up
 from zero, for at most the model's `request_wait_timeout_s`. A full router queue sheds it at
-once. A replica or engine that fails before the first byte is tried once more, on another
-replica: nothing has reached the client yet. Each refusal is a 503 with Retry-After.
+once. A replica that fails before it took the request (its first item) is tried once more, on
+another replica: the request never reached an engine. One that fails after taking it is not:
+the request may be what killed its engine, and would kill the next one too. Each refusal is a
+503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ray.serve.handle import DeploymentResponseGenerator
 
 from serve_app.engine.protocol import Head, Route
 from serve_app.errors import ApiError
-from serve_app.serving.catalog import ServedModel
+from serve_app.serving.catalog import ServedModel, shown
 from serve_app.serving.telemetry import RequestRecord
 
 logger = logging.getLogger("ray.serve")
@@ -36,13 +38,15 @@ async def dispatch(
     """Send the request to a replica of `model` (asked for as `name`); its response's `Head`
     and the stream it comes on (the rest follows on the stream if `head.stream`)."""
     request_id = record.request_id
+    name = shown(name)
     deadline = time.monotonic() + model.card.wait_timeout_s
     for attempt in range(1, ATTEMPTS + 1):
         stream = model.stream.remote(route, body, request_id)
+        taken = False
         try:
             # The replica's first item says it took the request: only that wait is bounded.
             await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
-            record.accepted = time.perf_counter()
+            record.accepted, taken = time.perf_counter(), True
             head = await stream.__anext__()
         except asyncio.TimeoutError:
             stream.cancel()
@@ -61,12 +65,12 @@ async def dispatch(
             # The replica or its engine failed before the first byte: nothing reached the client.
             stream.cancel()
             record.error = repr(exc)
-            if attempt < ATTEMPTS:
+            if attempt < ATTEMPTS and not taken:
                 logger.warning(
                     "request %s: model %s failed before responding (%r); retrying", request_id, name, exc
                 )
                 continue
-            logger.warning("request %s: model %s failed again before responding: %r", request_id, name, exc)
+            logger.warning("request %s: model %s failed before responding: %r", request_id, name, exc)
             raise ApiError(503, f"The model `{name}` could not serve the request; retry later.") from None
         if not isinstance(head, Head):
             raise TypeError(f"a model replica answered {type(head).__name__} where a Head was due")

@@ -4,10 +4,11 @@ The ingress reads only what it needs to route (`model`), and forwards the raw bo
 model's deployment, which validates it with vLLM's own request models. Streams pass
 through chunk by chunk as the engine produces them: nothing is held back or re-encoded.
 
-A request to a model goes through, in order: the caller's key (`admission`), the body's
-bounds (`payload`), the model it names (`catalog`), the caller's quota (`admission`), the
-send to a replica with its wait bound and one retry (`dispatch`), then the answer, whole or
-relayed (`relay`). Each step refuses with an `ApiError`, answered here in OpenAI's shape.
+A request to a model goes through, in order: its id, the caller's key, what a web page could
+send a keyless app and the key's quota (`admission`), the body's bounds (`payload`), the model
+it names (`catalog`) and the key's quota on it, what the key decides in the body (`admission`),
+the send to a replica with its wait bound and one retry (`dispatch`), then the answer, whole
+or relayed (`relay`). Each step refuses with an `ApiError`, answered here in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,7 +34,7 @@ from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, Re
 from serve_app.engine.protocol import Route
 from serve_app.errors import ApiError, error_body
 from serve_app.guards.auth import check_exposure
-from serve_app.serving.admission import Gate, with_priority
+from serve_app.serving.admission import Gate
 from serve_app.serving.catalog import Catalog, ModelCard
 from serve_app.serving.dispatch import dispatch
 from serve_app.serving.payload import read_payload
@@ -110,20 +112,28 @@ class OpenAIIngress:
     async def _route(self, request: Request, route: Route, record: RequestRecord) -> Response:
         """Serve one request to a model: each step answers the client with an ApiError if it refuses."""
         try:
+            check_request_id(request)
             record.identity = self._gate.identify(request)
+            self._gate.check_origin(request, has_body=True)
+            record.admission = self._gate.admit(record.identity)
             body, payload = await read_payload(request, self._limits)
+            record.body_bytes = len(body)
             name, model = self._catalog.of_payload(payload)
-            try:
-                record.admission = self._gate.admit(record.identity, model.card.id)
-            except ApiError:
-                record.error = "quota"
-                raise
-            if record.admission is not None and model.card.priority_scheduling:
-                body = with_priority(body, payload, record.admission.priority)  # the key's, not the client's
+            self._gate.admit_to_model(record.admission, model.card.id, payload)
+            body = self._gate.rewrite(
+                body,
+                payload,
+                record.identity,
+                record.admission,
+                generates=route in (Route.CHAT, Route.COMPLETION),
+                priority_scheduling=model.card.priority_scheduling,
+            )
             self._telemetry.routed(record, model.card.id, body)
             record.stream = payload.get("stream") is True
             head, stream = await dispatch(model, name, route, body, record)
         except ApiError as error:
+            if error.status == 429:
+                record.error = "quota"
             return error_response(error)
         if not head.stream:
             record.usage = head.usage
@@ -153,15 +163,14 @@ class OpenAIIngress:
     def _finish(self, record: RequestRecord) -> None:
         """A request ended (answered, failed or cancelled): free its quota and record it."""
         if record.admission is not None:
-            usage = record.usage
-            self._gate.release(
-                record.admission, usage.prompt_tokens + usage.completion_tokens if usage else 0
-            )
+            self._gate.release(record.admission, record.tokens_used)
         self._telemetry.finish(record)
 
     async def _list_models(self, request: Request) -> Response:
         try:
+            check_request_id(request)
             self._gate.identify(request)
+            self._gate.check_origin(request, has_body=False)
         except ApiError as error:
             return error_response(error)
         data = [await self._card(name) for name in self._catalog.names()]
@@ -169,7 +178,9 @@ class OpenAIIngress:
 
     async def _get_model(self, model_id: str, request: Request, record: RequestRecord) -> Response:
         try:
+            check_request_id(request)
             self._gate.identify(request)
+            self._gate.check_origin(request, has_body=False)
             model = self._catalog.get(model_id)
         except ApiError as error:
             return error_response(error)
@@ -182,10 +193,30 @@ class OpenAIIngress:
         return model.to_openai(name, self._created)
 
 
+# What a client's X-Request-Id may hold: it becomes the engine's request id and the id of every
+# response chunk, and it is written to the access log.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def _request_id(request: Request) -> str:
-    # Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the
-    # request headers and returns it on the response; it becomes the engine's request id.
-    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    """The request's id: the client's X-Request-Id where it is a plain one, else a new one.
+
+    Ray Serve's proxy keeps a client's X-Request-Id (or makes one), passes it in the request
+    headers and returns it on the response; it becomes the engine's request id.
+    """
+    given = request.headers.get(REQUEST_ID_HEADER)
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def check_request_id(request: Request) -> None:
+    """ApiError 400 for an X-Request-Id that is not 1 to 128 letters, digits or `._:-`."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and not _REQUEST_ID.fullmatch(given):
+        raise ApiError(
+            400,
+            "X-Request-Id must be 1 to 128 characters: letters, digits, '.', '_', ':' or '-'.",
+            param=REQUEST_ID_HEADER,
+        )
 
 
 def _serve_http_host() -> str | None:
@@ -244,7 +275,10 @@ def openai_app(
     Under Serve the endpoints are `OpenAIIngress`'s functions (Serve binds each replica's
     instance); in-process tests pass one instance's bound methods. Both get the same app.
     """
-    app = FastAPI(title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect from `/v1/models/` to `/v1/models`: an unknown path is an OpenAI 404.
+    app = FastAPI(
+        title="mistral-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     _openai_error_handlers(app)
     if cors_allow_origins:
         # Closed unless configured; never credentials, only what the API needs.

@@ -91,7 +91,12 @@ class ModelServer:
         self, route: Route, body: bytes, request_id: str
     ) -> AsyncIterator[Head | bytes | Usage | None]:
         """Stream one request's response: `None` as soon as this replica has taken the request
-        (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams."""
+        (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams.
+
+        A replica whose engine is already dead does not take the request: it ends, and the
+        ingress tries another replica (it retries only requests that no replica took)."""
+        if self._engine.dead():
+            self._die()
         yield None
         try:
             # Chunks that queue while Serve sends earlier ones travel on as one message.

@@ -100,14 +100,26 @@ class RequestRecord:
     error: str | None = None
     request_text: str | None = None  # only with log_request_text
     response_text: list[bytes] | None = None  # only with log_request_text
+    body_bytes: int = 0  # the size of the request body
+    events: int = 0  # SSE events relayed to the client
 
     def chunk(self, data: bytes) -> None:
         now = time.perf_counter()
         if self.first_chunk is None:
             self.first_chunk = now
         self.last_chunk = now
+        self.events += data.count(b"data: ")
         if self.response_text is not None:
             self.response_text.append(data)
+
+    @property
+    def tokens_used(self) -> int:
+        """Prompt and completion tokens, as the engine counted them; for a request that ended
+        without the count (a stream cut short), an estimate: a token per 4 bytes of body, and one
+        per event it received."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens + self.usage.completion_tokens
+        return self.body_bytes // 4 + self.events
 
     @property
     def ttft_s(self) -> float | None:

@@ -85,7 +85,7 @@ class LocalHandle:
 
     def __init__(self, target: Any, method: str = "__call__", stream: bool = False) -> None:
         self._target, self._method, self._stream = target, method, stream
-        self.calls: list[tuple[Any, ...]] = []  # the arguments of every call, for tests to read
+        self.calls: list[tuple[Any, ...]] = []  # the arguments of each streamed call (generate)
 
     def options(self, *, method_name: str | None = None, stream: bool | None = None, **_: Any) -> LocalHandle:
         handle = LocalHandle(
@@ -100,7 +100,8 @@ class LocalHandle:
         return self.options(method_name=name)
 
     def remote(self, *args: Any) -> LocalStream | LocalResponse:
-        self.calls.append(args)
+        if self._stream:  # requests to the model (generate), for tests to read
+            self.calls.append(args)
         result = getattr(self._target, self._method)(*args)
         return LocalStream(result) if self._stream else LocalResponse(result)
 
@@ -163,8 +164,9 @@ class InProcessApp:
 
     def client(self, headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
+        # A loopback host, as a keyless app requires (serve_app.guards.origin).
         return httpx.AsyncClient(
-            transport=transport, base_url="http://testserver", headers=headers, timeout=30
+            transport=transport, base_url="http://localhost", headers=headers, timeout=30
         )
 
     async def close(self) -> None:
@@ -194,3 +196,87 @@ async def in_process_app(
 def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async test scenario on a fresh event loop."""
     return asyncio.run(scenario())
+
+
+# --- building apps for tests --------------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def fake(model_id: str, **options: Any) -> dict[str, Any]:
+    """A model entry on the fake engine, fast unless told otherwise."""
+    engine_args = {"ttft_s": 0.0, "tokens_per_s": 2000.0, "max_num_seqs": 16}
+    engine_args.update(options.pop("engine_args", {}))
+    return {
+        "id": model_id,
+        "source": "none",
+        "engine": "fake",
+        "num_gpus": 0,
+        "engine_args": engine_args,
+        **options,
+    }
+
+
+def config(*models: dict[str, Any], **app: Any) -> AppConfig:
+    """An app config of `models` (one fake model "small" by default) and `app`'s options."""
+    from serve_app.config import load_app_config
+
+    return load_app_config({"models": list(models) or [fake("small")], **app})
+
+
+def chat(model: str = "small", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": HI, "max_tokens": 3, **fields}
+
+
+async def _with_app(cfg: AppConfig, scenario: Callable[[InProcessApp], Any], **wrap: Any) -> Any:
+    app = await in_process_app(cfg, **wrap)
+    try:
+        return await scenario(app)
+    finally:
+        await app.close()
+
+
+def serve(cfg: AppConfig, scenario: Callable[[InProcessApp], Any], **wrap: Any) -> Any:
+    """Run `scenario(app)` against `cfg`'s app in this process, then stop it."""
+    return run(lambda: _with_app(cfg, scenario, **wrap))
+
+
+def sse(text: str) -> list[str]:
+    """The `data:` payloads of a whole SSE body."""
+    events = text.split("\n\n")
+    assert events[-1] == "", text
+    return [event.removeprefix("data: ") for event in events[:-1]]
+
+
+@contextlib.asynccontextmanager
+async def over_http(app: FastAPI, body_read: list[int] | None = None) -> AsyncIterator[str]:
+    """`app` served by uvicorn on a free loopback port, in this event loop: a real HTTP
+    server, where a client can send a body slowly or leave mid-stream. `body_read` gets the
+    size of each piece of a request body the app read."""
+    import socket
+
+    import uvicorn
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        async def received() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and body_read is not None:
+                body_read.append(len(message.get("body", b"")))
+            return message
+
+        await app(scope, received, send)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(counting, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "the test server did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

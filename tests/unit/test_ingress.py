@@ -9,8 +9,6 @@ routers, proxies, replicas in processes) is tested in tests/serve.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,76 +16,10 @@ import pytest
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.config import AppConfig, load_app_config
 from serve_app.guards.auth import hash_key
 from serve_app.serving.server import ModelServer
-from serve_app.serving.telemetry import ACCESS_LOGGER
 from tests.support.expected import model_not_found
-from tests.support.inprocess import FailingReplicas, InProcessApp, in_process_app, run
-
-CHAT = "/v1/chat/completions"
-HI = [{"role": "user", "content": "hi"}]
-
-
-def fake(model_id: str, **options: Any) -> dict[str, Any]:
-    engine_args = {"ttft_s": 0.0, "tokens_per_s": 2000.0, "max_num_seqs": 16}
-    engine_args.update(options.pop("engine_args", {}))
-    return {
-        "id": model_id,
-        "source": "none",
-        "engine": "fake",
-        "num_gpus": 0,
-        "engine_args": engine_args,
-        **options,
-    }
-
-
-def config(*models: dict[str, Any], **app: Any) -> AppConfig:
-    return load_app_config({"models": list(models) or [fake("small")], **app})
-
-
-def chat(model: str = "small", **fields: Any) -> dict[str, Any]:
-    return {"model": model, "messages": HI, "max_tokens": 3, **fields}
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
-
-
-@pytest.fixture
-def access_log() -> Iterator[list[dict[str, Any]]]:
-    """The access log's entries while the test runs."""
-    handler = _Lines()
-    logger = logging.getLogger(ACCESS_LOGGER)
-    logger.addHandler(handler)
-    try:
-        yield handler.lines
-    finally:
-        logger.removeHandler(handler)
-
-
-async def _with_app(cfg: AppConfig, scenario: Any, **wrap: Any) -> Any:
-    app = await in_process_app(cfg, **wrap)
-    try:
-        return await scenario(app)
-    finally:
-        await app.close()
-
-
-def serve(cfg: AppConfig, scenario: Any, **wrap: Any) -> Any:
-    return run(lambda: _with_app(cfg, scenario, **wrap))
-
-
-def sse(text: str) -> list[str]:
-    events = text.split("\n\n")
-    assert events[-1] == "", text
-    return [event.removeprefix("data: ") for event in events[:-1]]
-
+from tests.support.inprocess import CHAT, HI, FailingReplicas, InProcessApp, chat, config, fake, serve, sse
 
 # --- routing --------------------------------------------------------------------------------
 

@@ -184,3 +184,28 @@ class RequestLimits(StrictModel):
         description="Most prompts in one completions request (a list of strings or of token-id "
         "lists); a single prompt of token ids may be as long as the body allows.",
     )
+    max_tools_bytes: int = Field(
+        262_144,
+        ge=1,
+        description="Largest sum of a chat request's tool definitions, as compact JSON, in bytes "
+        "(vLLM turns them into one grammar when `tool_choice` is `required`).",
+    )
+    max_structured_output_bytes: int = Field(
+        65_536,
+        ge=1,
+        description="Largest guided-decoding spec (`structured_outputs`: a JSON schema, regex, "
+        "grammar or choices; or the older `guided_*` fields), as compact JSON, in bytes.",
+    )
+    max_logit_bias: int = Field(300, ge=0, description="Most tokens in `logit_bias` (OpenAI's own limit).")
+    max_token_ids: int = Field(
+        4096,
+        ge=0,
+        description="Most token ids in each of `allowed_token_ids`, `stop_token_ids` and "
+        "`logprob_token_ids`.",
+    )
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Most pixels (width x height) of an inline (data: URL) image, read from its "
+        "header before it is decoded: a small file can decode to hundreds of MB.",
+    )

@@ -30,6 +30,7 @@ completions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -64,8 +65,16 @@ _ROUTES = ("chat", "completion", "tokenize", "detokenize")
 _SCALARS = frozenset({int, float, bool, type(None)})
 # Integer fields of each route, as OpenAI's API types them (vLLM would also take "2" or true).
 _INTEGER_FIELDS = {
-    "chat": ("n", "best_of", "max_tokens", "max_completion_tokens", "top_logprobs", "seed"),
-    "completion": ("n", "best_of", "max_tokens", "logprobs", "seed"),
+    "chat": (
+        "n",
+        "best_of",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_logprobs",
+        "prompt_logprobs",
+        "seed",
+    ),
+    "completion": ("n", "best_of", "max_tokens", "logprobs", "prompt_logprobs", "seed"),
 }
 
 
@@ -153,10 +162,12 @@ def check_request(
         _check_stop(request, limits)
         _check_tools(request, limits)
         _check_response_format(request, limits)
+        _check_expansions(payload, request, limits)
     elif route == "completion":
         _check_completion_numbers(request, limits, max_model_len)
         _check_prompt(payload, limits)
         _check_stop(request, limits)
+        _check_expansions(payload, request, limits)
     elif route == "tokenize":
         if "messages" in payload:
             _check_messages(payload, limits)
@@ -203,7 +214,9 @@ def _json_size(value: Any, where: str) -> int:
     try:
         if isinstance(value, BaseModel):
             return len(value.model_dump_json(exclude_unset=True, by_alias=True).encode("utf-8"))
-        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)  # vLLM's StructuredOutputsParams
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
     except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
         raise InputError(f"{where} is not valid JSON.", param=where) from None
 
@@ -359,6 +372,7 @@ def _check_tools(request: Any, limits: RequestLimits) -> None:
         return
     if len(tools) > limits.max_tools:
         raise InputError(f"`tools` has {len(tools)} items; the limit is {limits.max_tools}.", param="tools")
+    total = 0
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         name = _get(_get(tool, "function"), "name")
@@ -372,6 +386,55 @@ def _check_tools(request: Any, limits: RequestLimits) -> None:
             raise InputError(
                 f"{where} is {size} bytes of JSON; the limit is {limits.max_tool_schema_bytes} bytes.",
                 param=where,
+            )
+        total += size
+    if total > limits.max_tools_bytes:
+        raise InputError(
+            f"`tools` are {total} bytes of JSON together; the limit is {limits.max_tools_bytes} bytes.",
+            param="tools",
+        )
+
+
+def _check_expansions(payload: dict[str, Any], request: Any, limits: RequestLimits) -> None:
+    """What vLLM expands into per-token work or a grammar: logit biases, bad words, token-id
+    lists, prompt logprobs and guided-decoding specs."""
+    bias = _get(request, "logit_bias")
+    if isinstance(bias, Mapping) and len(bias) > limits.max_logit_bias:
+        raise InputError(
+            f"`logit_bias` has {len(bias)} tokens; the limit is {limits.max_logit_bias}.", param="logit_bias"
+        )
+    words = _get(request, "bad_words")
+    if isinstance(words, list):
+        if len(words) > limits.max_stop:
+            raise InputError(
+                f"`bad_words` has {len(words)} items; the limit is {limits.max_stop}.", param="bad_words"
+            )
+        for i, word in enumerate(words):
+            if isinstance(word, str) and len(word) > limits.max_stop_chars:
+                raise InputError(
+                    f"bad_words[{i}] has {len(word)} characters; the limit is {limits.max_stop_chars}.",
+                    param=f"bad_words[{i}]",
+                )
+    for name in ("allowed_token_ids", "stop_token_ids", "logprob_token_ids"):
+        ids = payload.get(name)
+        if ids is not None:
+            _check_token_ids(ids, name)
+            if len(ids) > limits.max_token_ids:
+                raise InputError(
+                    f"`{name}` has {len(ids)} token ids; the limit is {limits.max_token_ids}.", param=name
+                )
+    if _get(request, "prompt_logprobs") == -1:
+        raise InputError(
+            "`prompt_logprobs` must be a number of log-probabilities per token, not -1 (the whole vocabulary).",
+            param="prompt_logprobs",
+        )
+    _int(request, "prompt_logprobs", 0, limits.max_top_logprobs)
+    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        spec = _get(request, name)
+        if spec is not None and (size := _json_size(spec, name)) > limits.max_structured_output_bytes:
+            raise InputError(
+                f"`{name}` is {size} bytes of JSON; the limit is {limits.max_structured_output_bytes} bytes.",
+                param=name,
             )
 
 

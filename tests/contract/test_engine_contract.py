@@ -44,9 +44,11 @@ class Harness:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
 
-    def collect(self, route: Route, body: dict[str, Any]) -> list[Head | bytes | Usage]:
+    def collect(self, route: Route, body: dict[str, Any] | bytes) -> list[Head | bytes | Usage]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
         async def go() -> list[Head | bytes | Usage]:
-            return [item async for item in self.engine.handle(route, json.dumps(body).encode(), "rid-1")]
+            return [item async for item in self.engine.handle(route, raw, "rid-1")]
 
         return self.run(go())
 
@@ -207,6 +209,44 @@ def test_info_and_health(harness: Harness) -> None:
 def _tool_parsers_alive() -> int:
     gc.collect()
     return sum(1 for o in gc.get_objects() if hasattr(type(o), "update_stream_state_pre_v11_tokenizer"))
+
+
+def test_two_requests_under_one_id_are_kept_apart(harness: Harness) -> None:
+    """A client chooses its request id: two at once may send the same one, and one that leaves
+    must not end the other's request (vLLM aborts by the id a request came with)."""
+
+    async def go() -> None:
+        first = harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-same")
+        second = harness.engine.handle(Route.CHAT, LONG_STREAM, "rid-same")
+        for stream in (first, second):
+            head = await stream.__anext__()
+            assert isinstance(head, Head) and head.stream
+            await stream.__anext__()
+        assert harness.engine.stats().in_flight == 2
+        await first.aclose()  # its client left
+        await asyncio.sleep(0.3)
+        try:
+            assert harness.engine.stats().in_flight == 1, "the other request under that id was ended too"
+            for _ in range(3):
+                assert isinstance(await second.__anext__(), bytes)
+        finally:
+            await second.aclose()
+        await _released_within(harness.engine, 2.0, "after both requests under one id were closed")
+
+    harness.run(go())
+
+
+def test_tokenize_routes_are_held_to_the_bounds(harness: Harness) -> None:
+    _vllm_only(harness, "the fake engine does not tokenize")
+    many = {"model": "tiny-mistral-v3", "messages": [{"role": "user", "content": "x"}] * 600}
+    (head,) = harness.collect(Route.TOKENIZE, many)
+    assert isinstance(head, Head) and head.status == 400, head
+    assert json.loads(head.body)["error"]["param"] == "messages"
+    # A chat template over tools of any size: the tools are bounded here too.
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(200)]
+    (head,) = harness.collect(Route.TOKENIZE, {**many, "messages": many["messages"][:1], "tools": tools})
+    assert isinstance(head, Head) and head.status == 400, head
+    assert json.loads(head.body)["error"]["param"] == "tools"
 
 
 @contextlib.contextmanager

@@ -111,7 +111,26 @@ def test_more_images_than_allowed_is_a_400(pixtral: Harness) -> None:
     assert body["error"]["code"] == 400
 
 
+# What the server must not fetch: a loopback address on a closed port (nothing answers there).
+NOT_TO_FETCH = "http://127.0.0.1:9/latest/meta-data/"
+
+
 def test_remote_image_urls_need_an_allowed_host(pixtral: Harness) -> None:
-    status, body = _one(pixtral, _chat("http://169.254.169.254/latest/meta-data/"))
+    status, body = _one(pixtral, _chat(NOT_TO_FETCH))
     assert status == 400
     assert "not allowed" in body["error"]["message"] and body["error"]["param"] == "messages"
+
+
+def test_a_media_key_spelled_with_escapes_is_checked_too(pixtral: Harness) -> None:
+    raw = json.dumps(_chat(NOT_TO_FETCH)).replace('"image_url"', '"image\\u005furl"').encode()
+    assert b"_url" not in raw
+    items = pixtral.collect(Route.CHAT, raw)
+    head = items[0]
+    assert isinstance(head, Head) and head.status == 400, head
+    assert "not allowed" in json.loads(head.body)["error"]["message"]
+
+
+def test_an_image_that_decodes_past_the_pixel_limit_is_a_400(pixtral: Harness) -> None:
+    status, body = _one(pixtral, _chat(_png(6000, 5000, (0, 0, 0))))  # 30 megapixels, a small file
+    assert status == 400, body
+    assert "6000x5000 pixels" in body["error"]["message"]

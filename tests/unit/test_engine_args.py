@@ -55,3 +55,12 @@ def test_namespace_matches_vllm_serve_flags() -> None:
     assert ns.tool_call_parser == "mistral" and ns.enable_auto_tool_choice is True
     # The shared default namespace is not modified.
     assert build_namespace(ModelConfig(id="x", source="y")).max_model_len is None
+
+
+def test_vllm_fetches_media_only_from_the_allowed_hosts() -> None:
+    from serve_app.engine.vllm.args import NO_MEDIA_HOST
+
+    # vLLM reads an empty allow-list as "any host": none allowed must not be left empty.
+    assert build_namespace(ModelConfig(id="p", source="x")).allowed_media_domains == [NO_MEDIA_HOST]
+    allowed = ModelConfig(id="p", source="x", media={"allowed_remote_hosts": ["images.example.com"]})
+    assert build_namespace(allowed).allowed_media_domains == ["images.example.com"]

@@ -199,6 +199,50 @@ BAD: list[Any] = [
     ),
     pytest.param("completion", completion(prompt=[True, False]), "prompt[0]", id="prompt-bools"),
     pytest.param("completion", completion(prompt="x" * 600_000), "prompt", id="prompt-too-long"),
+    # what vLLM expands into per-token work or a grammar
+    pytest.param(
+        "chat", chat(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", id="301-logit-biases"
+    ),
+    pytest.param("completion", completion(bad_words=["x"] * 17), "bad_words", id="17-bad-words"),
+    pytest.param("chat", chat(bad_words=["ok", "x" * 300]), "bad_words[1]", id="long-bad-word"),
+    pytest.param(
+        "completion",
+        completion(allowed_token_ids=list(range(4097))),
+        "allowed_token_ids",
+        id="4097-allowed-token-ids",
+    ),
+    pytest.param("chat", chat(stop_token_ids=list(range(5000))), "stop_token_ids", id="5000-stop-token-ids"),
+    pytest.param("chat", chat(stop_token_ids=[1, -2]), "stop_token_ids[1]", id="negative-stop-token-id"),
+    pytest.param("chat", chat(prompt_logprobs=-1), "prompt_logprobs", id="prompt-logprobs-all-of-vocab"),
+    pytest.param(
+        "completion", completion(prompt_logprobs=1000), "prompt_logprobs", id="prompt-logprobs-1000"
+    ),
+    pytest.param("chat", chat(prompt_logprobs="5"), "prompt_logprobs", id="prompt-logprobs-a-string"),
+    pytest.param(
+        "chat",
+        chat(structured_outputs={"regex": "(a|b)" * 20_000}),
+        "structured_outputs",
+        id="huge-guided-regex",
+    ),
+    pytest.param(
+        "completion",
+        completion(structured_outputs={"choice": [f"choice {i}" for i in range(10_000)]}),
+        "structured_outputs",
+        id="10000-guided-choices",
+    ),
+    pytest.param("chat", chat(guided_json=huge_schema(70_000)), "guided_json", id="huge-guided-json"),
+    pytest.param(
+        "chat",
+        chat(
+            tools=[
+                {"type": "function", "function": {"name": f"f{i}", "parameters": huge_schema(50_000)}}
+                for i in range(6)
+            ],
+            tool_choice="required",
+        ),
+        "tools",
+        id="300kb-of-tools",
+    ),
     # tokenize / detokenize
     pytest.param("tokenize", {"model": "m", "prompt": ["a"]}, "prompt", id="tokenize-prompt-list"),
     pytest.param(

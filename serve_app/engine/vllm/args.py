@@ -18,6 +18,9 @@ from pydantic import TypeAdapter, ValidationError
 from serve_app.config import ConfigError, ModelConfig
 from serve_app.engine.vllm.compat import CLI_ARGS_MODULES, import_first
 
+# vLLM's allow-list of media hosts where the config allows none (vLLM reads [] as any host).
+NO_MEDIA_HOST = "no-remote-media.invalid"
+
 
 @functools.cache
 def _default_namespace() -> Namespace:
@@ -60,9 +63,11 @@ def build_namespace(config: ModelConfig) -> Namespace:
     ns.served_model_name = list(config.names)
     for key, value in {**config.engine_args, **config.server_args}.items():
         setattr(ns, key, value)
-    if config.media.allowed_remote_hosts and "allowed_media_domains" in engine_arg_names():
+    if "allowed_media_domains" in engine_arg_names():
         # vLLM's own allow-list too, as a second line behind serve_app.guards.media's check.
-        ns.allowed_media_domains = list(config.media.allowed_remote_hosts)
+        # vLLM reads an empty list as "any host": with no host allowed, it gets one that never
+        # resolves (RFC 6761's `.invalid`).
+        ns.allowed_media_domains = list(config.media.allowed_remote_hosts) or [NO_MEDIA_HOST]
     return ns
 
 

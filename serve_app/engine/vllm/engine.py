@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -30,7 +30,7 @@ from serve_app.engine.vllm.patches import apply_all, json_coroutines
 from serve_app.engine.vllm.stats import SchedulerSnapshot, ray_stat_logger
 from serve_app.errors import error_body
 from serve_app.guards.limits import InputError, check_request
-from serve_app.guards.media import MediaError, check_images
+from serve_app.guards.media import MediaError, check_media
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class VLLMEngine(Engine):
         self._info: ModelInfo | None = None
         self._accepts_images = False
         self._namespace = Namespace()
+        self._request_ids: set[str] = set()  # the ids of the requests running now
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -108,10 +109,11 @@ class VLLMEngine(Engine):
             yield parsed
             return
         request, hide_usage = parsed
+        request_id = self._own_id(request_id)
         if hasattr(request, "request_id"):
             request.request_id = request_id
         # The parsers vLLM makes for this request are freed when it ends.
-        with json_coroutines.per_request():
+        with json_coroutines.per_request(), self._holding(request_id):
             try:
                 result = await create(request, None)
             except Exception as exc:  # vLLM maps its exceptions to OpenAI errors itself
@@ -140,19 +142,19 @@ class VLLMEngine(Engine):
         error answer. Bounds are checked once vLLM's request model has accepted the body (so a
         request vLLM refuses gets vLLM's own error, as from `vllm serve`), on what it parsed."""
         try:
-            if route is Route.CHAT:
-                check_images(
-                    body,
+            payload = json.loads(body)
+            if route in (Route.CHAT, Route.TOKENIZE) and isinstance(payload, dict):
+                check_media(
+                    payload.get("messages"),
                     model_id=self.config.id,
                     accepts_images=self._accepts_images,
                     allowed_hosts=self.config.media.allowed_remote_hosts,
+                    max_image_pixels=self.limits.max_image_pixels,
                 )
-            payload = json.loads(body)
             generates = route in (Route.CHAT, Route.COMPLETION)
             hide_usage = generates and openai_layer.count_usage(payload)
             request = parse(payload)
-            if generates:
-                check_request(route.value, payload, self.limits, self.info().max_model_len, parsed=request)
+            check_request(route.value, payload, self.limits, self.info().max_model_len, parsed=request)
             return request, hide_usage
         except ValidationError as exc:
             return await openai_layer.validation_error(exc, self._namespace)
@@ -162,6 +164,19 @@ class VLLMEngine(Engine):
             return Head(400, error_body(400, str(exc), param="messages"))
         except Exception as exc:  # e.g. VLLMValidationError from a request model's validator
             return openai_layer.whole_response(serving.create_error_response(exc))
+
+    def _own_id(self, request_id: str) -> str:
+        """`request_id`, or a variant of it while another request runs under it: vLLM aborts by
+        the id a request came with, so a client that leaves would end the other's request too."""
+        return request_id if request_id not in self._request_ids else f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+    @contextlib.contextmanager
+    def _holding(self, request_id: str) -> Iterator[None]:
+        self._request_ids.add(request_id)
+        try:
+            yield
+        finally:
+            self._request_ids.discard(request_id)
 
     def stats(self) -> EngineStats:
         if self._client is None:

@@ -1,16 +1,20 @@
 """Bounds on what a request may carry, and where each is checked.
 
 At the ingress (serve_app.serving.payload), before anything is forwarded: the size of the
-headers and of the body (413 past `max_body_bytes`, before reading it when the client declares
-its length), UTF-8 and JSON, one JSON object.
+headers and of the body (413 past `max_body_bytes`, counted as it arrives whether or not the
+client declares its length), the time to send the body (408 past `max_body_seconds`), UTF-8
+and JSON without `NaN`/`Infinity` literals or oversized integers, one JSON object.
 
 In the model replica, by `check_request`, after vLLM's own request model has accepted the body
 (so a body vLLM refuses gets vLLM's error, as from `vllm serve`) and before any engine work:
 
 - on the request vLLM parsed, the values the engine will act on: `n` and `best_of`, the
   token budget vLLM uses (`max_completion_tokens`, else `max_tokens`) against the context,
-  `top_logprobs` / `logprobs`, `seed`, the stop strings, the tools (count, name, size) and the
-  size of a `json_schema` response format. vLLM's request model has already checked their
+  `top_logprobs` / `logprobs`, `seed`, the stop strings, the tools (count, name, size, and
+  their total size), the size of a `json_schema` response format, and what vLLM expands into
+  per-token work: `logit_bias`, `bad_words`, token-id lists (`stop_token_ids`,
+  `allowed_token_ids`), `prompt_logprobs`, and structured-output patterns, grammars and
+  schemas (`structured_outputs`, the older `guided_*`). vLLM's request model has already checked their
   types; the fake engine, which has no such model, passes its decoded body, whose fields have
   the same names;
 - on the decoded JSON body, what vLLM's parsed request cannot show: the messages (vLLM
@@ -18,6 +22,9 @@ In the model replica, by `check_request`, after vLLM's own request model has acc
   types of integer fields and token ids (vLLM turns `"2"` and `true` into numbers; OpenAI's API
   refuses them, and so do we), the completions prompts and detokenize tokens for that reason,
   and strings holding lone surrogates (`\\ud800`).
+
+Every route that reaches an engine passes these checks, `/tokenize` and `/detokenize` included;
+image parts are checked on the decoded JSON too (serve_app.guards.media).
 
 A refusal is a 400 in OpenAI's error shape naming the offending parameter. The checks are cheap
 (a walk over the messages, no schema validation) and refuse only what is certainly wrong or

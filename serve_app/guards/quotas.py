@@ -1,10 +1,16 @@
 """Per-key quotas: requests per minute, tokens per minute and concurrent requests.
 
 Each limit is a token bucket that holds up to one minute of budget and refills continuously,
-so a key may burst up to its per-minute figure and then goes at the steady rate. Tokens are
-charged when a request ends (its prompt and completion tokens); a key is admitted while its
-token budget is not exhausted, so one request may overdraw it, and the next waits for the
-debt to refill. Limits apply per key and, where the config says so, per key and model.
+so a key may burst up to its per-minute figure and then goes at the steady rate.
+
+Admission has two steps. `admit(identity)` runs before the body is read, on the key's own
+limits: a slow body holds one of the key's concurrent slots, never a slot of another key.
+`admit_to_model` runs once the body names its model, on the per-model limits; it charges one
+request per sequence the engine will run (prompts x `n`, or `best_of`). Tokens are charged when
+a request ends: its prompt and completion tokens from the engine's usage, or, for a stream the
+client cut before its usage came, an estimate from the body's size and the chunks sent. A key
+is admitted while its token budget is not exhausted, so one request may overdraw it, and the
+next waits for the debt to refill.
 
 Each ingress replica enforces its share of every limit (the limit divided by the number of
 ingress replicas, see `QuotaOptions.share`); Serve's proxies spread requests over the
@@ -139,8 +145,8 @@ class Quotas:
 
     def admit_to_model(self, admission: Admission, model: str, sequences: int = 1) -> Rejection | None:
         """Admit a request let in by `admission` on `model`'s own limits for its key, charging
-        each scope one request per sequence beyond the first; None when admitted. On a refusal,
-        release the admission."""
+        each scope one request per sequence beyond the first; None when admitted. A refusal
+        charges nothing more; the caller releases `admission` as for any request that ends."""
         key_quota = self._options.keys.get(admission.identity)
         now = time.monotonic()
         extra = max(0, sequences - 1)

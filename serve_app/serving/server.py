@@ -105,7 +105,7 @@ class ModelServer:
             async with contextlib.aclosing(stream) as items:
                 async for item in items:
                     if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
-                        self._die()  # nothing reached the client: the ingress retries elsewhere
+                        self._die()  # the request fails (it may be what killed the engine)
                     yield item
         except Exception:
             if self._engine.dead():

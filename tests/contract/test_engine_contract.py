@@ -12,15 +12,19 @@ import gc
 import importlib
 import inspect
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psutil
 import pytest
 
 from serve_app.config import ModelConfig, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
 from serve_app.engine.protocol import Engine, Head, Route, Usage
+from serve_app.engine.vllm import compat
 
 if TYPE_CHECKING:
     from serve_app.engine.vllm.patches import Patch
@@ -204,6 +208,14 @@ def test_info_and_health(harness: Harness) -> None:
     assert harness.engine.info().max_model_len >= 1024
     harness.run(harness.engine.check_health())
     assert harness.engine.stats().in_flight == 0
+
+
+def test_vllm_bounds_the_images_it_decodes_as_the_replica_does(harness: Harness) -> None:
+    """Images vLLM fetches from an allowed host never pass serve_app.guards.media's pixel check."""
+    _vllm_only(harness, "the fake engine decodes no image")
+    import vllm.envs
+
+    assert harness.engine.limits.max_image_pixels == vllm.envs.VLLM_MAX_IMAGE_PIXELS
 
 
 def _tool_parsers_alive() -> int:
@@ -423,3 +435,21 @@ def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness, patch
         assert distinct == 1, f"{distinct} tables for one tokenizer"
     else:
         assert distinct == len(tables), _no_longer_needed(patch)
+
+
+def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> None:
+    """Last in this module: it ends the engine. A replica asks `dead()` before it takes a
+    request; vLLM marks its client errored only once its monitor thread has run, so the engine
+    looks at its core processes too."""
+    _vllm_only(harness, "the fake engine has no process to lose")
+    assert not harness.engine.dead()
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    cores = compat.engine_core_pids(harness.engine._client)  # type: ignore[attr-defined]
+    assert cores and set(cores) <= ours, (cores, ours)
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in cores):
+        assert time.monotonic() < deadline, "the engine core outlived SIGKILL for 10 s"
+        time.sleep(0.001)
+    assert harness.engine.dead()

@@ -75,3 +75,12 @@ def async_llm_options(engine_args: Any) -> dict[str, Any]:
 def shutdown_timeout(vllm_config: Any) -> float | None:
     """How long `AsyncLLM.shutdown` may wait for the engine core (0.24 has no setting)."""
     return getattr(vllm_config, "shutdown_timeout", None)
+
+
+def engine_core_pids(client: Any) -> list[int]:
+    """The process ids of an `AsyncLLM`'s engine core processes (both releases keep their
+    `multiprocessing` processes on the core client's `resources.engine_manager`); empty where
+    the engine core runs in-process or the layout is unknown."""
+    resources = getattr(getattr(client, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return [int(proc.pid) for proc in getattr(manager, "processes", ()) if proc.pid is not None]

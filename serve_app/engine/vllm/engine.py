@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from argparse import Namespace
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
+import psutil
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
 
@@ -36,6 +38,13 @@ logger = logging.getLogger(__name__)
 
 STALL_S = 60.0  # a busy engine that makes no step for this long is stuck
 PROBE_TIMEOUT_S = 20.0  # an idle engine must generate one token within this
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @contextlib.asynccontextmanager
@@ -72,6 +81,7 @@ class VLLMEngine(Engine):
         self._accepts_images = False
         self._namespace = Namespace()
         self._request_ids: set[str] = set()  # the ids of the requests running now
+        self._core_pids: list[int] = []
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -81,11 +91,16 @@ class VLLMEngine(Engine):
         check_source(self.config)
         ns = self._namespace = build_namespace(self.config)
         apply_all()
+        # vLLM 0.32 bounds the pixels of every image it decodes, those it fetches from an
+        # allowed host included (0.24 leaves them to Pillow's decompression-bomb check): the
+        # same bound as serve_app.guards.media's for data: URLs.
+        os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.limits.max_image_pixels)
         # vLLM's own metrics go to Ray's metrics endpoint when the engine runs under Ray.
         loggers = [self._scheduler.factory]
         if (ray_logger := ray_stat_logger()) is not None:
             loggers.insert(0, ray_logger)
         self._client = await self._stack.enter_async_context(_engine_client(engine_args(ns), loggers))
+        self._core_pids = compat.engine_core_pids(self._client)
         state = State()
         await compat.init_app_state(self._client, state, ns)
         self._routes = openai_layer.routes(state)
@@ -225,7 +240,12 @@ class VLLMEngine(Engine):
             pass
 
     def dead(self) -> bool:
-        return bool(self._client is not None and self._client.errored)
+        """Whether the engine died. vLLM marks its client errored only once its monitor thread
+        has seen the engine core go and shut the client down; a request that arrives between
+        would be taken by a dead engine, so the engine core processes are looked at too."""
+        if self._client is None:
+            return False
+        return bool(self._client.errored) or not all(map(_alive, self._core_pids))
 
     async def shutdown(self) -> None:
         await self._stack.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -163,6 +164,16 @@ class ModelConfig(StrictModel):
         "0 runs on the CPU build of vLLM).",
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each replica.")
+    frontends: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="vLLM frontend processes per replica, all on the replica's one engine, as "
+        "`vllm serve --api-server-count N` runs them: each does its share of the requests' "
+        "tokenizing, detokenizing and OpenAI formatting. Default: one per CPU of the replica "
+        "beyond the first (`num_cpus` - 1), at least 1. With 1, the replica runs the engine's "
+        "frontend itself.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of each replica process."
     )
@@ -179,6 +190,12 @@ class ModelConfig(StrictModel):
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
     )
+
+    @model_validator(mode="after")
+    def _frontends_of_vllm(self) -> ModelConfig:
+        if self.engine != "vllm" and (self.frontends or 1) > 1:
+            raise ValueError(f"frontends: only the vllm engine has frontend processes, not {self.engine}")
+        return self
 
     @field_validator("engine_args", "server_args")
     @classmethod
@@ -220,6 +237,15 @@ class ModelConfig(StrictModel):
             return self.deployment.graceful_shutdown_timeout_s
         max_len = int(self.engine_args.get("max_model_len") or 32768)
         return min(3600.0, max(60.0, max_len / 20))
+
+    @property
+    def frontend_count(self) -> int:
+        """vLLM frontend processes per replica (`frontends`, else from `num_cpus`)."""
+        if self.engine != "vllm":
+            return 1
+        if self.frontends is not None:
+            return self.frontends
+        return max(1, math.floor(self.num_cpus) - 1)
 
     @property
     def gpus_per_replica(self) -> float:

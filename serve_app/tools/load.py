@@ -7,22 +7,28 @@ event (a Server-Sent Event ends with a blank line; the text inside may hold any 
 so time to first token (TTFT) and the gaps between tokens (ITL) are those of the first and
 later chunks with generated text.
 
-    python -m serve_app.tools.load < spec.json > results.json
+    python -m serve_app.tools.load    # stdin: a LoadSpec (one JSON line), then `go`
 
 runs one `LoadSpec` in its own process (the benchmark's way, so that the process measuring
-the servers never competes with the load).
+the servers never competes with the load); `split_spec` and `run_in_processes` spread a
+level's clients over several such processes, started together, where one process's core
+would cap the load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import aiohttp
@@ -82,6 +88,18 @@ def chat_call(
     return Call(CHAT, body, kind=kind)
 
 
+def completion_call(
+    model: str, prompt: str | list[int], max_tokens: int, *, stream: bool = True, kind: str = "", **extra: Any
+) -> Call:
+    """A completion of a text or token-id prompt (token ids give an exact prompt length); a
+    stream asks for its usage chunk. Its chunks carry text in `choices[i].text`."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **extra}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return Call(COMPLETIONS, body, kind=kind)
+
+
 def error_text(status: int, body: str) -> tuple[str, bool]:
     """`HTTP <status>: <the OpenAI error's message>` (or the start of the body), and whether the
     body was an OpenAI error."""
@@ -99,6 +117,7 @@ def _usage(result: Result, usage: Any) -> None:
 
 
 def _has_text(event: dict[str, Any]) -> bool:
+    """Whether a chunk carries generated text: chat's `delta.content` or completions' `text`."""
     return any(
         (choice.get("delta") or {}).get("content") or choice.get("text")
         for choice in event.get("choices") or []
@@ -303,13 +322,46 @@ class LoadThread:
         return self.results
 
 
-# --- the benchmark's way: one level in a process of its own -----------------------------
+# --- the benchmark's way: a level in processes of its own ----------------------------------
+
+
+@dataclass(frozen=True)
+class RandomPrompts:
+    """Token-id prompts of exactly `tokens` ids, each drawn from `low`..`high` (inclusive), a
+    new one for every request, so that no prefix cache serves a prefill.
+
+    The sequence depends only on `seed` and `stream` (who draws it: a level, a process), so
+    a run can be repeated exactly and two load processes never send the same prompts.
+    """
+
+    tokens: int
+    low: int
+    high: int
+    seed: int = 0
+    stream: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or not 0 <= self.low <= self.high:
+            raise ValueError(f"no prompts of {self.tokens} token ids in {self.low}..{self.high}")
+
+    def prompts(self) -> Iterator[list[int]]:
+        """The prompts, endlessly. A string seed is hashed with SHA-512 (not `hash()`), so the
+        sequence is the same in every process and run."""
+        rng = random.Random(f"{self.seed}/{self.stream}")
+        ids = range(self.low, self.high + 1)
+        while True:
+            yield rng.choices(ids, k=self.tokens)
+
+
+def with_prompt(call: Call, prompt: str | list[int]) -> Call:
+    """`call` (a completion) with another prompt."""
+    return replace(call, body={**call.body, "prompt": prompt})
 
 
 @dataclass
 class LoadSpec:
-    """One closed-loop level of identical calls: `concurrency` clients, `requests` in all or
-    for `duration_s`."""
+    """One closed-loop level: `concurrency` clients, `requests` in all or for `duration_s`,
+    each request `call`, with a prompt of `prompts` in it when given (a completions call)."""
 
     url: str
     call: Call
@@ -318,13 +370,64 @@ class LoadSpec:
     duration_s: float | None = None
     api_key: str | None = None
     read_timeout_s: float = 600.0
+    prompts: RandomPrompts | None = None
+
+    def calls(self) -> Callable[[], Call]:
+        """What a client sends next."""
+        if self.prompts is None:
+            return lambda: self.call
+        prompts = self.prompts.prompts()
+        return lambda: with_prompt(self.call, next(prompts))
+
+    def to_json(self) -> str:
+        """One line of JSON (the load process reads it as its first line)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LoadSpec:
+        raw = json.loads(text)
+        prompts = raw.get("prompts")
+        return cls(
+            **{
+                **raw,
+                "call": Call(**raw["call"]),
+                "prompts": None if prompts is None else RandomPrompts(**prompts),
+            }
+        )
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` integers that differ by at most one, the larger first."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def split_spec(spec: LoadSpec, processes: int) -> list[LoadSpec]:
+    """`spec` as at most `processes` specs that together run it.
+
+    Client j goes to process j mod `processes`, so the clients split as evenly as possible;
+    a request count is shared out as one loop would (each client its turn), so a level of
+    fewer requests than clients still spreads over the processes. Each process draws its own
+    prompts. A process that would get no client or no request is left out.
+    """
+    count = max(1, min(processes, spec.concurrency))
+    clients = split_evenly(spec.concurrency, count)
+    per_client = None if spec.requests is None else split_evenly(spec.requests, spec.concurrency)
+    parts = []
+    for i, c in enumerate(clients):
+        requests = None if per_client is None else sum(per_client[i::count])
+        if requests == 0:
+            continue
+        prompts = None if spec.prompts is None else replace(spec.prompts, stream=f"{spec.prompts.stream}/{i}")
+        parts.append(replace(spec, concurrency=c, requests=requests, prompts=prompts))
+    return parts
 
 
 def run_spec(spec: LoadSpec) -> tuple[list[Result], float]:
     return asyncio.run(
         closed_loop(
             spec.url,
-            lambda: spec.call,
+            spec.calls(),
             spec.concurrency,
             requests=spec.requests,
             duration_s=spec.duration_s,
@@ -334,38 +437,118 @@ def run_spec(spec: LoadSpec) -> tuple[list[Result], float]:
     )
 
 
+READY = b"ready"
+GO = b"go"
+
+
+class LoadProcess:
+    """One `python -m serve_app.tools.load` child: its spec in, `ready` out once it has
+    imported what it needs, `go` in, its results out as JSON."""
+
+    def __init__(self, spec: LoadSpec, stderr: IO[bytes]) -> None:
+        # `stderr` is a file, not a pipe: nobody reads it while the load runs, and a full pipe
+        # would stall the load.
+        self._stderr = stderr
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._write(spec.to_json().encode())
+
+    def _write(self, line: bytes) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it ended: its stderr tells why
+            self.proc.stdin.write(line + b"\n")
+            self.proc.stdin.flush()
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != READY:
+            raise self.failure()
+
+    def go(self) -> None:
+        self._write(GO)
+
+    def results(self, start: float) -> tuple[list[Result], float]:
+        """Its results, `start_s` counted from `start` (epoch seconds), and its span from `start`."""
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        if self.proc.wait() != 0:
+            raise self.failure()
+        data = json.loads(out)
+        offset = float(data["began"]) - start
+        results = [Result(**{**r, "start_s": r["start_s"] + offset}) for r in data["results"]]
+        return results, offset + float(data["wall_s"])
+
+    def failure(self) -> RuntimeError:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()  # one still waiting for `go` then ends
+        code = self.proc.wait()
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
+        return RuntimeError(f"the load generator failed (exit {code}): {lines[-1]}")
+
+    def close(self) -> None:
+        """Kill it if it still runs (the parent gave up on the level)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def run_in_processes(specs: Sequence[LoadSpec]) -> tuple[list[Result], float]:
+    """Run `specs` at once, each in a process of its own; their results together and the wall
+    time: the longest process's span, from one start they share.
+
+    Every process first imports what it needs and says so; only then are all told to go,
+    so a slow start of one does not count as load time and none runs ahead of the others.
+    """
+    with contextlib.ExitStack() as stack:
+        procs: list[LoadProcess] = []
+        for spec in specs:
+            proc = LoadProcess(spec, stack.enter_context(tempfile.TemporaryFile()))
+            stack.callback(proc.close)
+            procs.append(proc)
+        for proc in procs:
+            proc.wait_ready()
+        start = time.time()  # the same clock in every process, unlike perf_counter
+        for proc in procs:
+            proc.go()
+        results: list[Result] = []
+        wall = 0.0
+        for proc in procs:
+            part, span = proc.results(start)
+            results += part
+            wall = max(wall, span)
+        return results, wall
+
+
 def run_in_process(spec: LoadSpec) -> tuple[list[Result], float]:
     """Run one level in a separate process (`python -m serve_app.tools.load`)."""
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", __name__],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        out, err = proc.communicate(json.dumps(asdict(spec)).encode())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines() or ["(no output)"]
-        raise RuntimeError(f"the load generator failed (exit {proc.returncode}): {lines[-1]}")
-    data = json.loads(out)
-    return [Result(**r) for r in data["results"]], float(data["wall_s"])
+    return run_in_processes([spec])
 
 
 def main() -> int:
-    """A LoadSpec as JSON on stdin; the results as JSON on stdout."""
-    raw = json.loads(sys.stdin.read())
-    spec = LoadSpec(**{**raw, "call": Call(**raw["call"])})
+    """A LoadSpec as one line of JSON on stdin; `ready` on stdout; a `go` line on stdin; then
+    the results as JSON on stdout. Without `go` (the parent gave up), nothing is sent."""
+    spec = LoadSpec.from_json(sys.stdin.readline())
+    import aiohttp  # noqa: F401  (imported before saying ready, not on the clock)
+
+    sys.stdout.buffer.write(READY + b"\n")
+    sys.stdout.flush()
+    if sys.stdin.readline().strip() != GO.decode():
+        return 1
+    began = time.time()
     try:
         results, wall = run_spec(spec)
     except KeyboardInterrupt:
         return 130
-    json.dump({"wall_s": wall, "results": [asdict(r) for r in results]}, sys.stdout)
+    json.dump({"began": began, "wall_s": wall, "results": [asdict(r) for r in results]}, sys.stdout)
     return 0
 
 

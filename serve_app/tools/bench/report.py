@@ -77,8 +77,13 @@ def cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(levels: dict[str, list[dict[str, Any]]]) -> str:
-    """The result table (times in ms), then the ours/vllm comparison where both ran."""
+BASELINES = ("vllm", "vllm-cached", "vllm-multi")
+
+
+def format_table(levels: dict[str, list[dict[str, Any]]], labels: dict[str, str] | None = None) -> str:
+    """The result table (times in ms), then ours against each plain vLLM target that ran.
+    `labels` name targets in the table (`vllm-multi N=2`); default: their names."""
+    labels = labels or {}
     head = (
         "target",
         "conc",
@@ -96,7 +101,7 @@ def format_table(levels: dict[str, list[dict[str, Any]]]) -> str:
         for lv in target_levels:
             rows.append(
                 (
-                    target,
+                    labels.get(target, target),
                     str(lv["concurrency"]),
                     str(lv["requests"]),
                     str(lv["errors"]),
@@ -110,11 +115,12 @@ def format_table(levels: dict[str, list[dict[str, Any]]]) -> str:
             )
     lines = [_row(rows, r) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    for baseline in ("vllm", "vllm-cached"):
+    for baseline in BASELINES:
         comparison = compare(levels, baseline)
         if not comparison:
             continue
-        crows = [("conc", f"tok/s ours/{baseline}", f"TTFT p50 ours-{baseline} (ms)")]
+        name = labels.get(baseline, baseline)
+        crows = [("conc", f"tok/s ours/{name}", f"TTFT p50 ours-{name} (ms)")]
         for row in comparison:
             ratio, diff = row["output_tok_s_ratio"], row["ttft_p50_diff_ms"]
             crows.append(
@@ -142,7 +148,9 @@ def _row(rows: Sequence[Sequence[str]], row: Sequence[str]) -> str:
     )
 
 
-def plot(levels: dict[str, list[dict[str, Any]]], title: str, out: Path) -> None:
+def plot(
+    levels: dict[str, list[dict[str, Any]]], title: str, out: Path, labels: dict[str, str] | None = None
+) -> None:
     """Output tok/s and TTFT p50 against concurrency, one line per target, ratios annotated."""
     import matplotlib
 
@@ -154,11 +162,12 @@ def plot(levels: dict[str, list[dict[str, Any]]], title: str, out: Path) -> None
     for target, target_levels in levels.items():
         xs = [lv["concurrency"] for lv in target_levels]
         concurrencies |= set(xs)
-        ax_tok.plot(xs, [lv["output_tok_s"] for lv in target_levels], marker="o", label=target)
+        label = (labels or {}).get(target, target)
+        ax_tok.plot(xs, [lv["output_tok_s"] for lv in target_levels], marker="o", label=label)
         ttft = [
             (lv["concurrency"], lv["ttft_p50_ms"]) for lv in target_levels if lv["ttft_p50_ms"] is not None
         ]
-        ax_ttft.plot([c for c, _ in ttft], [t for _, t in ttft], marker="o", label=target)
+        ax_ttft.plot([c for c, _ in ttft], [t for _, t in ttft], marker="o", label=label)
     ours = {lv["concurrency"]: lv for lv in levels.get("ours", [])}
     for row in compare(levels):
         lv = ours[row["concurrency"]]
@@ -202,11 +211,13 @@ def plot_report(report: dict[str, Any], out: Path) -> None:
     """The plot of a report as `run_bench` writes it."""
     cond = report["conditions"]
     levels = {target: r["levels"] for target, r in report["results"].items()}
+    labels = {target: r.get("label", target) for target, r in report["results"].items()}
     machine = cond.get("machine", {})
     gpu = f", {machine['gpus'][0]}" if machine.get("gpus") else ""
     counted = cond.get("prompt_tokens_counted") or []
     title = (
-        f"{cond['model']}: {'/'.join(map(str, counted)) or '?'} prompt / {cond['output_tokens']} output tokens; "
+        f"{cond['model']}: {'/'.join(map(str, counted)) or '?'} prompt ({cond.get('prompts', 'repeated')}) / "
+        f"{cond['output_tokens']} output tokens; "
         f"{machine.get('cpu', '?')} x{machine.get('cores', '?')}{gpu}"
     )
-    plot(levels, title, out)
+    plot(levels, title, out, labels)

@@ -1,5 +1,6 @@
 """What the benchmark measures, one after another on the same machine: plain `vllm serve`,
-`vllm serve` with our replicas' parser-table fix, and this app on a private local Ray."""
+`vllm serve` with our replicas' parser-table fix, `vllm serve` with as many frontend processes
+as our replica would run, and this app on a private local Ray."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from typing import TYPE_CHECKING, Protocol
 from serve_app.local.front import DEFAULT_FRONT
 from serve_app.local.launcher import LocalServe
 from serve_app.local.processes import descendants, kill_leftovers
-from serve_app.tools.bench.vllm_cli import vllm_serve_args
+from serve_app.tools.bench.vllm_cli import API_SERVER, vllm_multi_serve_args, vllm_serve_args
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig, ModelConfig
 
 APP = "bench"
+CACHED_SERVER = "serve_app.tools.bench.vllm_cached_server"
 LOG_TAIL_LINES = 20
 
 
@@ -31,6 +33,11 @@ class BenchError(Exception):
 
 class Target(Protocol):
     name: str
+
+    @property
+    def label(self) -> str:
+        """The name in tables and plots."""
+        ...
 
     def start(self) -> str: ...
     def snapshot(self) -> None: ...
@@ -72,13 +79,24 @@ class PlainVllm:
 
     def __init__(self, model: ModelConfig, port: int, log_path: Path, timeout_s: float) -> None:
         self.model, self.port, self.log_path, self.timeout_s = model, port, log_path, timeout_s
-        self.command = self.server_command(vllm_serve_args(model, port))
+        self.command = self.server_command(self.serve_args(model, port))
         self.proc: subprocess.Popen[bytes] | None = None
         self.owned: set[int] = set()
 
-    def start(self) -> str:
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def serve_args(self, model: ModelConfig, port: int) -> list[str]:
+        return vllm_serve_args(model, port)
+
+    def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.model.env}
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        return env
+
+    def start(self) -> str:
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             log.write(f"$ {shlex.join(self.command)}\n".encode())
@@ -96,7 +114,7 @@ class PlainVllm:
         if why is not None:
             why = why.replace("start timeout", f"start timeout ({self.timeout_s:.0f} s)")
             raise BenchError(
-                f"vllm: {why}; last {LOG_TAIL_LINES} lines of {self.log_path}:\n{tail(self.log_path)}"
+                f"{self.name}: {why}; last {LOG_TAIL_LINES} lines of {self.log_path}:\n{tail(self.log_path)}"
             )
         return url
 
@@ -125,20 +143,47 @@ class PlainVllm:
 
 
 class CachedVllm(PlainVllm):
-    """`vllm serve` with our replicas' parser-table fix (serve_app.vllm_cached_server)."""
+    """`vllm serve` with our replicas' parser-table fix (serve_app.tools.bench.vllm_cached_server)."""
 
     name = "vllm-cached"
 
     @staticmethod
     def server_command(command: list[str]) -> list[str]:
-        module = command.index("vllm.entrypoints.openai.api_server")
-        return [*command[:module], "serve_app.vllm_cached_server", *command[module + 1 :]]
+        module = command.index(API_SERVER)
+        return [*command[:module], CACHED_SERVER, *command[module + 1 :]]
+
+
+class MultiVllm(PlainVllm):
+    """`vllm serve --api-server-count N`, N the model's frontend count: as many frontend
+    processes on one engine as our replica runs, so that the two compare like for like."""
+
+    name = "vllm-multi"
+
+    def __init__(self, model: ModelConfig, port: int, log_path: Path, timeout_s: float) -> None:
+        self.api_servers = model.frontend_count
+        super().__init__(model, port, log_path, timeout_s)
+
+    @property
+    def label(self) -> str:
+        """`vllm-multi N=2`: the count of API server processes with the name."""
+        return f"{self.name} N={self.api_servers}"
+
+    def serve_args(self, model: ModelConfig, port: int) -> list[str]:
+        return vllm_multi_serve_args(model, port, self.api_servers)
+
+    def environment(self) -> dict[str, str]:
+        """Without an inherited PROMETHEUS_MULTIPROC_DIR: with N > 1, vLLM makes a fresh one
+        and removes it at exit; one left from another run would mix its metrics in."""
+        env = super().environment()
+        if self.api_servers > 1:
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return env
 
 
 class OurApp:
     """This app on a private local Ray instance (serve_app.local.launcher), serving one model."""
 
-    name = "ours"
+    name = label = "ours"
 
     def __init__(self, config: AppConfig, port: int, timeout_s: float, front: str = DEFAULT_FRONT) -> None:
         self.config, self.timeout_s = config, timeout_s

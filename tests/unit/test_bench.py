@@ -1,5 +1,6 @@
 """The benchmark's pure parts: the `vllm serve` command lines, the targets' commands, percentiles,
-summaries, the table, process labels, the options and what they choose."""
+summaries, the table, process labels, the options and what they choose; a target's run over
+several prompt modes with a fake target and a fake load."""
 
 from __future__ import annotations
 
@@ -21,14 +22,24 @@ from serve_app.tools.bench.driver import (
     bench_call,
     load_processes,
     make_prompt,
+    measure,
+    mode_calls,
     parse_args,
     random_prompts,
     recorded_request,
 )
-from serve_app.tools.bench.report import compare, format_table, percentile, summarize
-from serve_app.tools.bench.targets import CachedVllm, MultiVllm, PlainVllm
+from serve_app.tools.bench.report import (
+    compare,
+    counted_prompt_tokens,
+    format_table,
+    percentile,
+    plot_report,
+    prompts_title,
+    summarize,
+)
+from serve_app.tools.bench.targets import BenchError, CachedVllm, MultiVllm, PlainVllm
 from serve_app.tools.bench.vllm_cli import vllm_multi_serve_args, vllm_serve_args
-from serve_app.tools.load import COMPLETIONS, Result
+from serve_app.tools.load import CHAT, COMPLETIONS, LoadSpec, Result
 
 
 def test_vllm_serve_args_flags() -> None:
@@ -225,18 +236,19 @@ def test_a_random_prompt_call_is_an_exact_token_id_completion() -> None:
     assert call.body["stream"] is True and call.body["stream_options"] == {"include_usage": True}
     assert bench_call("tiny", "a prompt", 16).body["messages"][0]["content"] == "a prompt"
     args = parse_args(["--prompts", "random", "--prompt-tokens", "96", "--seed", "5"])
-    prompts = random_prompts(args, "level 0")
+    prompts = random_prompts("random", args, "level 0")
     assert prompts is not None and (prompts.tokens, prompts.seed, prompts.stream) == (96, 5, "level 0")
     assert (prompts.low, prompts.high) == RANDOM_TOKEN_IDS and RANDOM_TOKEN_IDS[1] < 32768
-    assert random_prompts(parse_args([]), "level 0") is None
-    assert "96 random token ids" in recorded_request(call, args)["prompt"]
+    assert random_prompts("repeated", args, "level 0") is None
+    assert "96 random token ids" in recorded_request(call, "random", args)["prompt"]
+    assert recorded_request(call, "repeated", args) == call.body
 
 
 def test_new_options() -> None:
     args = parse_args([])
-    assert args.prompts == "repeated" and args.seed == 0 and args.load_processes == 1
+    assert args.prompts == ["repeated"] and args.seed == 0 and args.load_processes == 1
     args = parse_args(["--prompts", "random", "--load-processes", "auto", "--targets", "vllm-multi,ours"])
-    assert args.prompts == "random" and args.load_processes == "auto"
+    assert args.prompts == ["random"] and args.load_processes == "auto"
     assert args.targets == ["vllm-multi", "ours"]
     assert parse_args(["--load-processes", "3"]).load_processes == 3
     for bad in (
@@ -265,3 +277,203 @@ def test_the_table_names_vllm_multi_with_its_count_and_compares_ours_with_it() -
     table = format_table(levels, {"vllm-multi": "vllm-multi N=3"})
     assert "vllm-multi N=3" in table.splitlines()[2]
     assert "tok/s ours/vllm-multi N=3" in table and "0.500" in table and "+2.0" in table
+
+
+def test_prompts_take_a_comma_separated_list_in_the_order_given(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--prompts", "repeated,random"]).prompts == ["repeated", "random"]
+    assert parse_args(["--prompts", "random, repeated"]).prompts == ["random", "repeated"]
+    args = parse_args(["--prompts", "random,repeated", "--output-tokens", "9"])
+    calls = mode_calls("tiny", "a prompt", args)
+    assert list(calls) == ["random", "repeated"]
+    assert (calls["random"].path, calls["repeated"].path) == (COMPLETIONS, CHAT)
+    assert {c.body["max_tokens"] for c in calls.values()} == {9}
+    for bad, why in (
+        ("repeated,mixed", "unknown prompt mode 'mixed'"),
+        ("random,random", "each prompt mode at most once"),
+        ("repeated,Repeated", "unknown prompt mode 'Repeated'"),
+        (",", "no prompt mode"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--prompts", bad])
+        err = capsys.readouterr().err
+        assert "argument --prompts" in err and why in err, err
+
+
+class FakeTarget:
+    """A target that starts at once and records what is done to it."""
+
+    def __init__(self, name: str, events: list[str]) -> None:
+        self.name = self.label = name
+        self.events = events
+
+    def start(self) -> str:
+        self.events.append(f"{self.name} start")
+        return f"http://{self.name}"
+
+    def snapshot(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.events.append(f"{self.name} stop")
+
+
+# Output tokens per request and wall time of a level, by target and mode: ours is twice as
+# fast as vllm with repeated prompts and half as fast with random ones.
+FAKE_WALL_S = {
+    ("vllm", CHAT): 1.0,
+    ("ours", CHAT): 0.5,
+    ("vllm", COMPLETIONS): 1.0,
+    ("ours", COMPLETIONS): 2.0,
+}
+FAKE_PROMPT_TOKENS = {CHAT: 124, COMPLETIONS: 64}
+
+
+def fake_load(events: list[str]) -> Any:
+    """A load runner that sends nothing: it records each level it is given and answers every
+    request with 16 tokens, in the wall time FAKE_WALL_S sets."""
+
+    def run(specs: list[LoadSpec]) -> tuple[list[Result], float]:
+        (spec,) = specs  # --load-processes 1
+        target = spec.url.removeprefix("http://")
+        stream = "-" if spec.prompts is None else spec.prompts.stream
+        events.append(f"{target} {spec.call.path} {stream} C={spec.concurrency} n={spec.requests}")
+        ok = Result(0.0, 0.1, ttft_s=0.01, itl_s=[0.005], prompt_tokens=FAKE_PROMPT_TOKENS[spec.call.path])
+        ok.completion_tokens = 16
+        return [ok] * (spec.requests or 0), FAKE_WALL_S[target, spec.call.path]
+
+    return run
+
+
+def _measured(prompts: str, targets: tuple[str, ...] = ("vllm", "ours")) -> tuple[dict[str, Any], list[str]]:
+    args = parse_args(
+        ["--prompts", prompts, "--concurrency", "1,2", "--requests", "4", "--warmup-requests", "3"]
+    )
+    calls = mode_calls("tiny", make_prompt(args.prompt_tokens), args)
+    events: list[str] = []
+    results = {name: measure(FakeTarget(name, events), calls, args, fake_load(events)) for name in targets}
+    return results, events
+
+
+def test_a_target_starts_once_and_runs_every_level_of_each_mode_in_turn() -> None:
+    results, events = _measured("repeated,random", ("vllm",))
+    assert events == [
+        "vllm start",
+        f"vllm {CHAT} - C=2 n=3",  # the warm-up of repeated prompts (C: at most the largest level)
+        f"vllm {CHAT} - C=1 n=4",
+        f"vllm {CHAT} - C=2 n=4",
+        f"vllm {COMPLETIONS} warm-up/0 C=2 n=3",  # then that of random ones, on the same start
+        f"vllm {COMPLETIONS} level 0/0 C=1 n=4",  # the same prompts as a run of random alone
+        f"vllm {COMPLETIONS} level 1/0 C=2 n=4",
+        "vllm stop",
+    ]
+    vllm = results["vllm"]
+    assert [(lv["prompts"], lv["concurrency"]) for lv in vllm["levels"]] == [
+        ("repeated", 1),
+        ("repeated", 2),
+        ("random", 1),
+        ("random", 2),
+    ]
+    assert vllm["warmup"] == {
+        "repeated": {"requests": 3, "errors": 0},
+        "random": {"requests": 3, "errors": 0},
+    }
+    assert all(isinstance(lv["cpu"], list) and lv["load_processes"] == 1 for lv in vllm["levels"])
+    assert [lv["prompt_tokens"] for lv in vllm["levels"]] == [[124], [124], [64], [64]]
+
+
+def test_a_failed_warm_up_in_a_later_mode_still_stops_the_target_once() -> None:
+    args = parse_args(["--prompts", "repeated,random", "--concurrency", "1", "--requests", "2"])
+    events: list[str] = []
+    fine = fake_load(events)
+
+    def run(specs: list[LoadSpec]) -> tuple[list[Result], float]:
+        if specs[0].call.path == COMPLETIONS:
+            return [Result(0.0, error="HTTP 400: no")], 1.0
+        return fine(specs)
+
+    calls = mode_calls("tiny", "a prompt", args)
+    with pytest.raises(BenchError, match=r"vllm: every warm-up request \(random prompts\) failed: HTTP 400"):
+        measure(FakeTarget("vllm", events), calls, args, run)
+    assert events.count("vllm start") == 1 and events[-1] == "vllm stop" and events.count("vllm stop") == 1
+
+
+def test_the_table_and_the_comparisons_are_keyed_by_prompt_mode() -> None:
+    results, _ = _measured("repeated,random")
+    levels = {name: r["levels"] for name, r in results.items()}
+    assert counted_prompt_tokens(levels) == {"repeated": [124], "random": [64]}
+    assert compare(levels) == [
+        {"prompts": "repeated", "concurrency": 1, "output_tok_s_ratio": 2.0, "ttft_p50_diff_ms": 0.0},
+        {"prompts": "repeated", "concurrency": 2, "output_tok_s_ratio": 2.0, "ttft_p50_diff_ms": 0.0},
+        {"prompts": "random", "concurrency": 1, "output_tok_s_ratio": 0.5, "ttft_p50_diff_ms": 0.0},
+        {"prompts": "random", "concurrency": 2, "output_tok_s_ratio": 0.5, "ttft_p50_diff_ms": 0.0},
+    ]
+    json.dumps(results)  # the report's results as the JSON holds them
+    lines = format_table(levels).splitlines()
+    assert lines[0].split()[:3] == ["prompts", "target", "conc"]
+    # Mode by mode: every target's levels of repeated prompts, then those of random ones.
+    rows = [line.split()[:4] for line in lines[2:10]]
+    assert rows == [
+        ["repeated", "vllm", "1", "4"],
+        ["repeated", "vllm", "2", "4"],
+        ["repeated", "ours", "1", "4"],
+        ["repeated", "ours", "2", "4"],
+        ["random", "vllm", "1", "4"],
+        ["random", "vllm", "2", "4"],
+        ["random", "ours", "1", "4"],
+        ["random", "ours", "2", "4"],
+    ]
+    assert [line.split()[5] for line in lines[2:10]] == [
+        "64.0",
+        "64.0",
+        "128.0",
+        "128.0",
+        "64.0",
+        "64.0",
+        "32.0",
+        "32.0",
+    ]
+    comparison = lines[lines.index("") + 1 :]
+    assert comparison[0].split()[:3] == ["prompts", "conc", "tok/s"]
+    assert [line.split()[:3] for line in comparison[1:5]] == [
+        ["repeated", "1", "2.000"],
+        ["repeated", "2", "2.000"],
+        ["random", "1", "0.500"],
+        ["random", "2", "0.500"],
+    ]
+
+
+def test_a_single_mode_table_is_the_table_of_before() -> None:
+    results, _ = _measured("random")
+    levels = {name: r["levels"] for name, r in results.items()}
+    assert {lv["prompts"] for lvs in levels.values() for lv in lvs} == {"random"}
+    untagged = {
+        name: [{k: v for k, v in lv.items() if k != "prompts"} for lv in lvs] for name, lvs in levels.items()
+    }
+    table = format_table(levels)
+    assert table == format_table(untagged)  # as a report without modes had it
+    assert "prompts" not in table and table.splitlines()[0].startswith("target")
+    assert compare(untagged) == [{k: v for k, v in row.items() if k != "prompts"} for row in compare(levels)]
+
+
+def test_the_plot_has_a_row_per_mode_and_reads_reports_of_before(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    results, _ = _measured("repeated,random")
+    cond = {
+        "model": "tiny",
+        "output_tokens": 16,
+        "prompts": ["repeated", "random"],
+        "prompt_tokens_counted": {"repeated": [124], "random": [64]},
+    }
+    assert prompts_title(cond) == "124 prompt (repeated), 64 prompt (random)"
+    plot_report({"conditions": cond, "results": results}, tmp_path / "two.png")
+    one, _ = _measured("repeated")
+    old = {"model": "tiny", "output_tokens": 16, "prompts": "repeated", "prompt_tokens_counted": [124]}
+    assert prompts_title(old) == "124 prompt (repeated)"
+    for lvs in one.values():
+        for lv in lvs["levels"]:
+            del lv["prompts"]
+    plot_report({"conditions": old, "results": one}, tmp_path / "one.png")
+    two_h, one_h = (Image.open(tmp_path / f"{n}.png").size[1] for n in ("two", "one"))
+    assert two_h == 2 * one_h  # a row of panels per mode

@@ -2,7 +2,7 @@
 
     python -m serve_app.tools.bench [CONFIG] [--model ID] [--targets vllm,ours]   # CONFIG: configs/local.yaml
         [--concurrency 1,16,64] [--requests N | --duration-s S]
-        [--prompts repeated|random] [--seed 0] [--prompt-tokens 128] [--output-tokens 64]
+        [--prompts repeated,random] [--seed 0] [--prompt-tokens 128] [--output-tokens 64]
         [--load-processes K|auto] [--out bench/]
 
 Targets run one after another, each on a free loopback port: `vllm` is vLLM's own OpenAI
@@ -10,13 +10,17 @@ server (`python -m vllm.entrypoints.openai.api_server`) with the model's engine 
 arguments; `vllm-cached` the same with our replicas' parser-table fix; `vllm-multi` is `vllm
 serve --api-server-count N`, N the model's frontend count (`frontends`, else `num_cpus` - 1);
 `ours` is this app (Ray Serve, the ingress, one deployment) serving only that model. Each gets
-a warm-up, then at each concurrency C a closed loop of C clients sends streamed requests back
-to back (temperature 0, `ignore_eos`, usage chunk): with `--prompts repeated` (the default) a
-chat completion of one fixed prompt, which vLLM's prefix cache serves after the first; with
-`--prompts random` a completion of exactly `--prompt-tokens` random token ids, new for every
-request (seeded by `--seed`), so every prefill is computed. The load runs in separate processes
-(serve_app.tools.load), the C clients split over `--load-processes` of them. Prints a table and
-writes `bench-<UTC time>.json` and `.png` (and the plain servers' logs) to `--out`.
+started once; for each prompt mode of `--prompts` (a comma-separated list, run in its order)
+it gets a warm-up, then at each concurrency C a closed loop of C clients sends streamed requests
+back to back (temperature 0, `ignore_eos`, usage chunk): with `repeated` (the default) a chat
+completion of one fixed prompt, which vLLM's prefix cache serves after the first; with `random`
+a completion of exactly `--prompt-tokens` random token ids, new for every request (seeded by
+`--seed`), so every prefill is computed. `--prompts repeated,random` runs every level of the
+first mode, then every level of the second, on the one start. The load runs in separate
+processes (serve_app.tools.load), the C clients split over `--load-processes` of them. Prints a
+table (with a `prompts` column when several modes ran) and writes `bench-<UTC time>.json` (each
+level's record names its `prompts` mode) and `.png` (a row of panels per mode), and the plain
+servers' logs, to `--out`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -43,7 +47,15 @@ from serve_app.local.front import add_front_option, front_variables
 from serve_app.local.launcher import free_port
 from serve_app.local.processes import descendants
 from serve_app.tools.bench.cpu import busiest, children_cpu_s, cpu_seconds
-from serve_app.tools.bench.report import cell, compare, cpu_line, format_table, plot_report, summarize
+from serve_app.tools.bench.report import (
+    cell,
+    compare,
+    counted_prompt_tokens,
+    cpu_line,
+    format_table,
+    plot_report,
+    summarize,
+)
 from serve_app.tools.bench.targets import (
     BenchError,
     CachedVllm,
@@ -87,6 +99,7 @@ RANDOM_TOKEN_IDS = (1000, 32767)
 # one core busy against a fast server (`--load-processes auto`).
 STREAMS_PER_LOAD_PROCESS = 64
 WARMUP = "warm-up"  # the warm-up's prompt stream (levels: "level <i>")
+LoadRunner = Callable[[Sequence[LoadSpec]], tuple[list[Result], float]]
 
 
 def make_prompt(tokens: int) -> str:
@@ -104,19 +117,24 @@ def bench_call(model: str, prompt: str, output_tokens: int, prompts: str = "repe
     return chat_call(model, prompt, output_tokens, temperature=0, ignore_eos=True)
 
 
-def random_prompts(args: argparse.Namespace, stream: str) -> RandomPrompts | None:
-    """The prompts of `--prompts random` (None for repeated), one sequence per `stream`: the
+def random_prompts(mode: str, args: argparse.Namespace, stream: str) -> RandomPrompts | None:
+    """The prompts of the `random` mode (None for repeated), one sequence per `stream`: the
     warm-up and each level draw their own, so no level meets an earlier one's prompts in the
-    prefix cache; every target gets the same."""
-    if args.prompts != "random":
+    prefix cache; every target gets the same, whichever other modes run with it."""
+    if mode != "random":
         return None
     low, high = RANDOM_TOKEN_IDS
     return RandomPrompts(args.prompt_tokens, low, high, seed=args.seed, stream=stream)
 
 
-def recorded_request(call: Call, args: argparse.Namespace) -> dict[str, Any]:
+def mode_calls(model: str, prompt: str, args: argparse.Namespace) -> dict[str, Call]:
+    """The request of each mode of `--prompts`, in the order they run."""
+    return {mode: bench_call(model, prompt, args.output_tokens, mode) for mode in args.prompts}
+
+
+def recorded_request(call: Call, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """The request body as the JSON records it (a random prompt described, not one example)."""
-    if args.prompts != "random":
+    if mode != "random":
         return call.body
     low, high = RANDOM_TOKEN_IDS
     described = f"<{args.prompt_tokens} random token ids in {low}..{high}, new per request, seed {args.seed}>"
@@ -208,6 +226,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _prompt_modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in modes if m not in PROMPT_MODES]
+    if not modes or unknown:
+        what = f"unknown prompt mode {unknown[0]!r}" if unknown else f"no prompt mode in {text!r}"
+        raise argparse.ArgumentTypeError(
+            f"{what}; the modes are {' and '.join(PROMPT_MODES)}, comma-separated"
+        )
+    if len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"each prompt mode at most once: {text!r}")
+    return modes
+
+
 def _targets(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in TARGETS]
@@ -248,10 +279,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     level.add_argument("--duration-s", type=float, help="run each level this long instead")
     parser.add_argument(
         "--prompts",
-        choices=PROMPT_MODES,
-        default="repeated",
-        help="repeated (default): every request a chat completion of the same text, whose prefill "
-        "the prefix cache serves; random: a completion of random token ids, new for every request",
+        type=_prompt_modes,
+        default=["repeated"],
+        metavar="MODE[,MODE]",
+        help="prompt modes, a comma-separated list of repeated,random run in that order on each "
+        "target's one start, every level of one mode before the next (default: repeated). "
+        "repeated: every request a chat completion of the same text, whose prefill the prefix "
+        "cache serves; random: a completion of random token ids, new for every request",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
     parser.add_argument(
@@ -314,6 +348,7 @@ def _level_requests(args: argparse.Namespace, concurrency: int) -> int | None:
 def level_specs(
     url: str,
     call: Call,
+    mode: str,
     args: argparse.Namespace,
     stream: str,
     concurrency: int,
@@ -321,59 +356,75 @@ def level_specs(
     duration_s: float | None = None,
     processes: int = 1,
 ) -> list[LoadSpec]:
-    """One level's load (or the warm-up's): one spec per load process that will run."""
-    prompts = random_prompts(args, stream)
+    """One level's load (or the warm-up's) in prompt `mode`: one spec per load process that will run."""
+    prompts = random_prompts(mode, args, stream)
     spec = LoadSpec(url, call, concurrency, requests, duration_s, api_key=args.api_key, prompts=prompts)
     return split_spec(spec, processes)
 
 
-def _measure(target: Target, call: Call, args: argparse.Namespace) -> dict[str, Any]:
-    """Start `target`, warm it up, run every level of `call`s, stop it; return its figures."""
+def _warm_up(
+    name: str, url: str, call: Call, mode: str, args: argparse.Namespace, run: LoadRunner, tag: str
+) -> dict[str, int]:
+    """The warm-up of one mode: its requests and errors; an error if every request failed."""
+    warmup_c = max(1, min(args.warmup_requests, max(args.concurrency)))
+    warm, _ = run(level_specs(url, call, mode, args, WARMUP, warmup_c, args.warmup_requests))
+    failed = [r for r in warm if r.error is not None]
+    if warm and len(failed) == len(warm):
+        raise BenchError(f"{name}: every warm-up request{tag} failed: {failed[0].error}")
+    print(f"[{name}] warm-up{tag}: {len(warm)} requests, {len(failed)} errors", flush=True)
+    return {"requests": len(warm), "errors": len(failed)}
+
+
+def measure(
+    target: Target, calls: Mapping[str, Call], args: argparse.Namespace, run: LoadRunner = run_load
+) -> dict[str, Any]:
+    """Start `target` once; for each prompt mode of `calls` (in order), warm it up and run every
+    level of that mode's call; stop it. Return its figures, each level tagged with its mode."""
     started = time.monotonic()
     name = target.label
+    several = len(calls) > 1
     print(f"[{name}] starting...", flush=True)
     try:
         url = target.start()
         start_s = time.monotonic() - started
         target.snapshot()
         print(f"[{name}] ready in {start_s:.0f} s on {url}", flush=True)
-
-        warmup_c = max(1, min(args.warmup_requests, max(args.concurrency)))
-        warm, _ = run_load(level_specs(url, call, args, WARMUP, warmup_c, args.warmup_requests))
-        failed = [r for r in warm if r.error is not None]
-        if warm and len(failed) == len(warm):
-            raise BenchError(f"{name}: every warm-up request failed: {failed[0].error}")
-        print(f"[{name}] warm-up: {len(warm)} requests, {len(failed)} errors", flush=True)
+        warmup: dict[str, dict[str, int]] = {}
         levels = []
-        for index, c in enumerate(args.concurrency):
-            processes = load_processes(args.load_processes, c, usable_cpus())
-            requests = _level_requests(args, c)
-            specs = level_specs(url, call, args, f"level {index}", c, requests, args.duration_s, processes)
-            target.snapshot()
-            before = cpu_seconds(descendants())
-            # The load generators are children that end with the level: counted when waited for.
-            load_before = children_cpu_s()
-            results, wall = run_load(specs)
-            after = cpu_seconds(descendants())
-            after[-1] = ("load generator", children_cpu_s() - load_before)  # -1: no live process
-            summary = summarize(results, wall, c)
-            summary["load_processes"] = len(specs)
-            summary["cpu"] = busiest(before, after, wall, summary["output_tokens"])
-            levels.append(summary)
-            print(
-                f"[{name}] C={c}: {summary['requests']} requests in {wall:.1f} s "
-                f"({len(specs)} load process{'es' if len(specs) > 1 else ''}), "
-                f"{summary['errors']} errors, {summary['output_tok_s']:.1f} tok/s, "
-                f"TTFT p50 {cell(summary['ttft_p50_ms'])} ms",
-                flush=True,
-            )
-            print(f"[{name}] C={c} CPU: " + cpu_line(summary["cpu"]), flush=True)
+        for mode, call in calls.items():
+            tag = f" ({mode} prompts)" if several else ""
+            warmup[mode] = _warm_up(name, url, call, mode, args, run, tag)
+            for index, c in enumerate(args.concurrency):
+                processes = load_processes(args.load_processes, c, usable_cpus())
+                requests = _level_requests(args, c)
+                specs = level_specs(
+                    url, call, mode, args, f"level {index}", c, requests, args.duration_s, processes
+                )
+                target.snapshot()
+                before = cpu_seconds(descendants())
+                # The load generators are children that end with the level: counted when waited for.
+                load_before = children_cpu_s()
+                results, wall = run(specs)
+                after = cpu_seconds(descendants())
+                after[-1] = ("load generator", children_cpu_s() - load_before)  # -1: no live process
+                summary = {"prompts": mode, **summarize(results, wall, c)}
+                summary["load_processes"] = len(specs)
+                summary["cpu"] = busiest(before, after, wall, summary["output_tokens"])
+                levels.append(summary)
+                level = f"{mode} C={c}" if several else f"C={c}"
+                print(
+                    f"[{name}] {level}: {summary['requests']} requests in {wall:.1f} s "
+                    f"({len(specs)} load process{'es' if len(specs) > 1 else ''}), "
+                    f"{summary['errors']} errors, {summary['output_tok_s']:.1f} tok/s, "
+                    f"TTFT p50 {cell(summary['ttft_p50_ms'])} ms",
+                    flush=True,
+                )
+                print(f"[{name}] {level} CPU: " + cpu_line(summary["cpu"]), flush=True)
         target.snapshot()
         return {
             "label": name,
             "start_s": round(start_s, 1),
-            "warmup_requests": len(warm),
-            "warmup_errors": len(failed),
+            "warmup": warmup,
             "levels": levels,
         }
     finally:
@@ -403,17 +454,29 @@ def _multi_conditions(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+PROMPT_NOTES = {
+    "repeated": "Every request sends the same prompt: where vLLM's prefix caching is on, every "
+    "target serves its prefill from the cache after the first request.",
+    "random": "Every request sends its own random token ids (a completion with a token-id prompt, "
+    "exactly prompt_tokens_asked long), so every prefill is computed; the same seeded "
+    "sequences for every target.",
+}
+CONTENT = {"repeated": "delta content (chat)", "random": "text (completions)"}
+
+
 def _notes(args: argparse.Namespace, info: dict[str, Any], threads_note: str | None) -> list[str]:
     """The report's notes on how to read it, for this run's options."""
-    text = "delta content (chat)" if args.prompts == "repeated" else "text (completions)"
-    prompts = (
-        "Every request sends the same prompt: where vLLM's prefix caching is on, every target "
-        "serves its prefill from the cache after the first request."
-        if args.prompts == "repeated"
-        else "Every request sends its own random token ids (a completion with a token-id prompt, "
-        "exactly prompt_tokens_asked long), so every prefill is computed; the same seeded "
-        "sequences for every target."
-    )
+    modes: list[str] = args.prompts
+    if len(modes) == 1:
+        text, prompts = CONTENT[modes[0]], [PROMPT_NOTES[modes[0]]]
+    else:
+        text = " or ".join(f"{CONTENT[m]} with {m} prompts" for m in modes)
+        prompts = [
+            "Each target started once and ran every level of each prompt mode in turn "
+            f"({', then '.join(modes)}), with a warm-up before each mode; every level's record "
+            "names its mode (prompts).",
+            *(f"{m.capitalize()} prompts: {PROMPT_NOTES[m][0].lower()}{PROMPT_NOTES[m][1:]}" for m in modes),
+        ]
     return [
         "Targets ran one after another on 127.0.0.1, never at the same time.",
         f"The load generator runs as separate processes (asyncio + aiohttp; load_processes per level) "
@@ -422,7 +485,7 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], threads_note: str | N
         f"TTFT: request sent to first chunk with non-empty {text}. ITL: gaps between "
         "consecutive such chunks, pooled over a level's successful requests. Output tok/s: "
         "completion tokens of successful requests / the level's wall time.",
-        prompts,
+        *prompts,
         *([threads_note] if threads_note else []),
     ]
 
@@ -454,8 +517,7 @@ def run_bench(args: argparse.Namespace) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompt = make_prompt(args.prompt_tokens)
-    call = bench_call(model.id, prompt, args.output_tokens, args.prompts)
+    calls = mode_calls(model.id, make_prompt(args.prompt_tokens), args)
     info = machine()
     results: dict[str, dict[str, Any]] = {}
     logs: list[Path] = []
@@ -463,12 +525,12 @@ def run_bench(args: argparse.Namespace) -> int:
         target = make_target(name, model, only, out_dir / f"bench-{stamp}", args)
         if isinstance(target, PlainVllm):
             logs.append(target.log_path)
-        results[name] = _measure(target, call, args)
+        results[name] = measure(target, calls, args)
         if isinstance(target, MultiVllm):
             results[name]["api_server_count"] = target.api_servers
 
     levels = {name: r["levels"] for name, r in results.items()}
-    counted = sorted({n for lvs in levels.values() for lv in lvs for n in lv["prompt_tokens"]})
+    counted = counted_prompt_tokens(levels)
     conditions = {
         "utc": stamp,
         "command": [sys.executable, "-m", "serve_app.tools.bench", *sys.argv[1:]],
@@ -501,9 +563,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "requests_per_level": {str(c): _level_requests(args, c) for c in args.concurrency},
         "duration_s": args.duration_s,
         "warmup_requests": args.warmup_requests,
-        **({"seed": args.seed} if args.prompts == "random" else {}),
+        **({"seed": args.seed} if "random" in args.prompts else {}),
         "load_processes": args.load_processes,
-        "request": recorded_request(call, args),
+        "request": {mode: recorded_request(call, mode, args) for mode, call in calls.items()},
         "notes": _notes(args, info, threads_note),
     }
     report = {
@@ -522,10 +584,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             f"(no plot: matplotlib is missing; `python -m serve_app.tools.bench plot {json_path}` draws it)"
         )
-    print(
-        f"\n{model.id}: {args.prompts} prompts, prompt tokens counted {counted}, "
-        f"output tokens {args.output_tokens}\n"
-    )
+    if len(calls) == 1:
+        (mode,) = calls
+        modes = f"{mode} prompts, prompt tokens counted {counted.get(mode, [])}"
+    else:
+        modes = ", ".join(f"{mode} prompts (prompt tokens counted {counted.get(mode, [])})" for mode in calls)
+    print(f"\n{model.id}: {modes}, output tokens {args.output_tokens}\n")
     print(format_table(levels, {name: r["label"] for name, r in results.items()}))
     written = [json_path, png_path, *logs]
     print("\nWrote " + ", ".join(str(p) for p in written))

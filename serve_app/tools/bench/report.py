@@ -1,5 +1,11 @@
 """The benchmark's figures: per-level summaries, the ours/plain-vLLM comparison, the table and
-the plot."""
+the plot.
+
+A target's levels are one list in the order they ran; since a run may cover several prompt
+modes, each level's record names its mode (`prompts`), and everything here groups by mode
+first, then concurrency. Reports written before modes were a list have no `prompts` in their
+levels (one mode, `conditions.prompts` a string): they group as one mode, `None`.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +56,47 @@ def summarize(results: Sequence[Result], wall_s: float, concurrency: int) -> dic
     }
 
 
-def compare(levels: dict[str, list[dict[str, Any]]], baseline: str = "vllm") -> list[dict[str, Any]]:
-    """Per concurrency run by both targets: ours/baseline output tok/s, ours - baseline TTFT p50 (ms)."""
+Levels = dict[str, list[dict[str, Any]]]  # target -> its levels, in the order they ran
+
+
+def modes(levels: Levels) -> list[str | None]:
+    """The prompt modes of `levels`, in the order they first ran (None: a level without one)."""
+    seen: dict[str | None, None] = {}
+    for target_levels in levels.values():
+        for lv in target_levels:
+            seen.setdefault(lv.get("prompts"))
+    return list(seen)
+
+
+def of_mode(levels: Levels, mode: str | None) -> Levels:
+    """`levels` with only those of prompt `mode`; targets that ran none of it left out."""
+    kept = {t: [lv for lv in lvs if lv.get("prompts") == mode] for t, lvs in levels.items()}
+    return {t: lvs for t, lvs in kept.items() if lvs}
+
+
+def counted_prompt_tokens(levels: Levels) -> dict[str, list[int]]:
+    """Per prompt mode, the prompt token counts the servers reported (usage), over all targets."""
+    return {
+        str(mode): sorted(
+            {n for lvs in of_mode(levels, mode).values() for lv in lvs for n in lv["prompt_tokens"]}
+        )
+        for mode in modes(levels)
+    }
+
+
+def compare(levels: Levels, baseline: str = "vllm") -> list[dict[str, Any]]:
+    """Per prompt mode and concurrency run by both targets: ours/baseline output tok/s, ours -
+    baseline TTFT p50 (ms). A row names its mode (`prompts`) where the levels do."""
+    rows = []
+    for mode in modes(levels):
+        rows += [
+            {**({"prompts": mode} if mode is not None else {}), **row}
+            for row in _compare_one(of_mode(levels, mode), baseline)
+        ]
+    return rows
+
+
+def _compare_one(levels: Levels, baseline: str) -> list[dict[str, Any]]:
     base = {lv["concurrency"]: lv for lv in levels.get(baseline, [])}
     ours = {lv["concurrency"]: lv for lv in levels.get("ours", [])}
     rows = []
@@ -80,10 +125,19 @@ def cell(value: float | None, digits: int = 1) -> str:
 BASELINES = ("vllm", "vllm-cached", "vllm-multi")
 
 
-def format_table(levels: dict[str, list[dict[str, Any]]], labels: dict[str, str] | None = None) -> str:
+def format_table(levels: Levels, labels: dict[str, str] | None = None) -> str:
     """The result table (times in ms), then ours against each plain vLLM target that ran.
-    `labels` name targets in the table (`vllm-multi N=2`); default: their names."""
+    `labels` name targets in the table (`vllm-multi N=2`); default: their names. Where the
+    levels cover several prompt modes, rows go mode by mode and a first column names the mode
+    (`prompts`), in the comparisons too; with one mode the table has no such column."""
     labels = labels or {}
+    kinds = modes(levels)
+    by_mode = len(kinds) > 1
+    left = 2 if by_mode else 1  # columns aligned left: the mode's, the target's
+
+    def lead(mode: str | None) -> tuple[str, ...]:
+        return (str(mode),) if by_mode else ()
+
     head = (
         "target",
         "conc",
@@ -96,42 +150,46 @@ def format_table(levels: dict[str, list[dict[str, Any]]], labels: dict[str, str]
         "ITL p50",
         "ITL p99",
     )
-    rows = [head]
-    for target, target_levels in levels.items():
-        for lv in target_levels:
-            rows.append(
-                (
-                    labels.get(target, target),
-                    str(lv["concurrency"]),
-                    str(lv["requests"]),
-                    str(lv["errors"]),
-                    cell(lv["output_tok_s"]),
-                    cell(lv["requests_s"], 2),
-                    cell(lv["ttft_p50_ms"]),
-                    cell(lv["ttft_p95_ms"]),
-                    cell(lv["itl_p50_ms"]),
-                    cell(lv["itl_p99_ms"]),
-                )
-            )
-    lines = [_row(rows, r) for r in rows]
+    rows = [(*lead("prompts"), *head)]
+    for mode in kinds:
+        for target, target_levels in of_mode(levels, mode).items():
+            rows += [(*lead(mode), *_cells(labels.get(target, target), lv)) for lv in target_levels]
+    lines = [_row(rows, r, left) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     for baseline in BASELINES:
         comparison = compare(levels, baseline)
         if not comparison:
             continue
         name = labels.get(baseline, baseline)
-        crows = [("conc", f"tok/s ours/{name}", f"TTFT p50 ours-{name} (ms)")]
+        chead = ("conc", f"tok/s ours/{name}", f"TTFT p50 ours-{name} (ms)")
+        crows = [(*lead("prompts"), *chead)]
         for row in comparison:
             ratio, diff = row["output_tok_s_ratio"], row["ttft_p50_diff_ms"]
             crows.append(
                 (
+                    *lead(row.get("prompts")),
                     str(row["concurrency"]),
                     "-" if ratio is None else f"{ratio:.3f}",
                     "-" if diff is None else f"{diff:+.1f}",
                 )
             )
-        lines += ["", *(_row(crows, r) for r in crows)]
+        lines += ["", *(_row(crows, r, left) for r in crows)]
     return "\n".join(lines) + "\n(latencies in ms)"
+
+
+def _cells(label: str, lv: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        label,
+        str(lv["concurrency"]),
+        str(lv["requests"]),
+        str(lv["errors"]),
+        cell(lv["output_tok_s"]),
+        cell(lv["requests_s"], 2),
+        cell(lv["ttft_p50_ms"]),
+        cell(lv["ttft_p95_ms"]),
+        cell(lv["itl_p50_ms"]),
+        cell(lv["itl_p99_ms"]),
+    )
 
 
 def cpu_line(cpu: Sequence[dict[str, Any]]) -> str:
@@ -140,29 +198,44 @@ def cpu_line(cpu: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _row(rows: Sequence[Sequence[str]], row: Sequence[str]) -> str:
+def _row(rows: Sequence[Sequence[str]], row: Sequence[str], left: int = 1) -> str:
+    """`row` in columns as wide as `rows` need: the first `left` aligned left, the rest right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(row))]
     return "  ".join(
-        cell.ljust(w) if i == 0 else cell.rjust(w)
+        cell.ljust(w) if i < left else cell.rjust(w)
         for i, (cell, w) in enumerate(zip(row, widths, strict=True))
     )
 
 
-def plot(
-    levels: dict[str, list[dict[str, Any]]], title: str, out: Path, labels: dict[str, str] | None = None
-) -> None:
-    """Output tok/s and TTFT p50 against concurrency, one line per target, ratios annotated."""
+def plot(levels: Levels, title: str, out: Path, labels: dict[str, str] | None = None) -> None:
+    """Output tok/s and TTFT p50 against concurrency, one line per target, ratios annotated:
+    one row of these two panels per prompt mode (one row for a single mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_tok, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.5))
+    kinds = modes(levels)
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4.5 * len(kinds)), squeeze=False)
+    for (ax_tok, ax_ttft), mode in zip(axes, kinds, strict=True):
+        _plot_mode(ax_tok, ax_ttft, of_mode(levels, mode), labels or {})
+        what = "" if len(kinds) == 1 else f", {mode} prompts"
+        ax_tok.set_title(f"throughput{what} (label: ours / vllm)", fontsize=10)
+        ax_ttft.set_title(f"time to first token{what} (label: ours - vllm)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_mode(ax_tok: Any, ax_ttft: Any, levels: Levels, labels: dict[str, str]) -> None:
+    """The two panels of one prompt mode's levels."""
     concurrencies: set[int] = set()
     for target, target_levels in levels.items():
         xs = [lv["concurrency"] for lv in target_levels]
         concurrencies |= set(xs)
-        label = (labels or {}).get(target, target)
+        label = labels.get(target, target)
         ax_tok.plot(xs, [lv["output_tok_s"] for lv in target_levels], marker="o", label=label)
         ttft = [
             (lv["concurrency"], lv["ttft_p50_ms"]) for lv in target_levels if lv["ttft_p50_ms"] is not None
@@ -198,26 +271,29 @@ def plot(
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_tok.set_title("throughput (label: ours / vllm)", fontsize=10)
-    ax_ttft.set_title("time to first token (label: ours - vllm)", fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+
+
+def prompts_title(cond: dict[str, Any]) -> str:
+    """`124 prompt (repeated)`, or one such part per mode: the prompt side of a plot's title.
+    Reads both report forms: `prompts` a string and `prompt_tokens_counted` a list (one mode,
+    before modes were a list), or a list of modes and counts per mode."""
+    prompts = cond.get("prompts") or ["repeated"]
+    kinds = [prompts] if isinstance(prompts, str) else list(prompts)
+    counted = cond.get("prompt_tokens_counted") or {}
+    if not isinstance(counted, dict):
+        counted = {kinds[0]: counted}
+    return ", ".join(f"{'/'.join(map(str, counted.get(m) or [])) or '?'} prompt ({m})" for m in kinds)
 
 
 def plot_report(report: dict[str, Any], out: Path) -> None:
-    """The plot of a report as `run_bench` writes it."""
+    """The plot of a report as `run_bench` writes it (one row of panels per prompt mode)."""
     cond = report["conditions"]
     levels = {target: r["levels"] for target, r in report["results"].items()}
     labels = {target: r.get("label", target) for target, r in report["results"].items()}
     machine = cond.get("machine", {})
     gpu = f", {machine['gpus'][0]}" if machine.get("gpus") else ""
-    counted = cond.get("prompt_tokens_counted") or []
     title = (
-        f"{cond['model']}: {'/'.join(map(str, counted)) or '?'} prompt ({cond.get('prompts', 'repeated')}) / "
-        f"{cond['output_tokens']} output tokens; "
+        f"{cond['model']}: {prompts_title(cond)} / {cond['output_tokens']} output tokens; "
         f"{machine.get('cpu', '?')} x{machine.get('cores', '?')}{gpu}"
     )
     plot(levels, title, out, labels)

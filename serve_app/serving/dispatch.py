@@ -71,7 +71,7 @@ async def dispatch(
                 )
                 continue
             logger.warning("request %s: model %s failed before responding: %r", request_id, name, exc)
-            raise ApiError(503, f"The model `{name}` could not serve the request; retry later.") from None
+            raise _retry_later(f"The model `{name}` could not serve the request; retry later.") from None
         if not isinstance(head, Head):
             raise TypeError(f"a model replica answered {type(head).__name__} where a Head was due")
         return head, stream

@@ -225,7 +225,7 @@ def test_a_request_that_reached_a_replica_is_not_tried_on_another() -> None:
     async def scenario(app: InProcessApp) -> None:
         async with app.client() as http:
             resp = await http.post(CHAT, json=chat())
-        assert resp.status_code == 503
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "10"
         assert len(app.handles["small"].calls) == 1  # one replica lost, not two
 
     serve(config(), scenario, wrap=lambda _name, server: _AcceptsThenDies(server))

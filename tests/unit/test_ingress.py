@@ -293,7 +293,7 @@ def test_a_request_that_fails_before_its_first_byte_is_tried_once_more(
             assert retried.status_code == 200, retried.text
             replicas["small"].failures[:] = [_died(), _died()]
             failed = await http.post(CHAT, json=chat(stream=True))
-        assert failed.status_code == 503
+        assert failed.status_code == 503 and failed.headers["retry-after"] == "10"
         assert (
             failed.json()["error"]["message"] == "The model `small` could not serve the request; retry later."
         )

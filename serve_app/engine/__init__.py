@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from serve_app.config import ModelConfig
     from serve_app.engine.protocol import Engine
 
 # A model config's `engine` -> "module:class".
@@ -28,3 +29,13 @@ def engine_class(name: str) -> type[Engine]:
         raise ValueError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})") from None
     engine: type[Engine] = getattr(importlib.import_module(module), cls)
     return engine
+
+
+def engine_for(config: ModelConfig) -> type[Engine]:
+    """The engine class that runs `config` in a replica: its `engine`, and for vLLM with more
+    than one frontend process, the engine core with its frontends."""
+    if config.engine == "vllm" and config.frontend_count > 1:
+        from serve_app.engine.vllm.frontends import VLLMFrontends
+
+        return VLLMFrontends
+    return engine_class(config.engine)

@@ -106,7 +106,12 @@ class Engine(ABC):
 
     @abstractmethod
     def stats(self) -> EngineStats:
-        """The engine's current load."""
+        """The engine's current load, at once (the replica reports it to autoscaling)."""
+
+    async def current_stats(self) -> EngineStats:
+        """The engine's load as the engine itself holds it now, where `stats()` is a view
+        (e.g. over frontend processes); for diagnostics and tests."""
+        return self.stats()
 
     @abstractmethod
     async def shutdown(self) -> None:

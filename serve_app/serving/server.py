@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from serve_app.config import ModelConfig, RequestLimits
-from serve_app.engine import engine_class
+from serve_app.engine import engine_for
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.reaper import start_reaper
@@ -68,7 +68,7 @@ class ModelServer:
         self._config = config
         # Engine processes must not outlive this replica, even if it is killed.
         self._reaper = start_reaper()
-        self._engine = (engine_cls or engine_class(config.engine))(config)
+        self._engine = (engine_cls or engine_for(config))(config)
         if limits is not None:
             self._engine.limits = limits
         logger.info("model %s: starting engine", config.id)
@@ -131,7 +131,7 @@ class ModelServer:
         return self._engine.info()
 
     async def engine_stats(self) -> EngineStats:
-        return self._engine.stats()
+        return await self._engine.current_stats()
 
     async def check_health(self) -> None:
         await self._engine.check_health()

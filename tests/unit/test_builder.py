@@ -135,3 +135,13 @@ def test_each_ingress_replica_is_given_its_share_of_the_quotas() -> None:
     assert quotas == config.quotas.share(2)
     assert quotas.default.requests_per_minute == 300 and quotas.default.concurrent_requests == 3
     assert [card.id for card in cards] == ["m"] and set(handles) == {"m"}
+
+
+def test_the_ingress_routes_and_runs_its_code_on_one_event_loop() -> None:
+    config = load_app_config({"models": [{"id": "m", "source": "none", "engine": "fake", "num_gpus": 0}]})
+    ingress = build_openai_app(config)._bound_deployment
+    env = ingress.ray_actor_options["runtime_env"]["env_vars"]
+    assert env == {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    }

@@ -23,8 +23,7 @@ import pytest
 
 from serve_app.config import ModelConfig, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
-from serve_app.engine.protocol import Engine, Head, Route, Usage
-from serve_app.engine.vllm import compat
+from serve_app.engine.protocol import Engine, EngineStats, Head, Route, Usage
 
 if TYPE_CHECKING:
     from serve_app.engine.vllm.patches import Patch
@@ -64,17 +63,23 @@ def _vllm_model() -> ModelConfig:
     return model
 
 
-@pytest.fixture(scope="module", params=["fake", "vllm"])
+@pytest.fixture(scope="module", params=["fake", "vllm-2", "vllm"])
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """The fake engine, the vLLM engine core served by two frontend processes
+    (serve_app.engine.vllm.frontends), and the vLLM engine: one contract for all three."""
     engine: Engine
     if request.param == "fake":
         engine = FakeEngine(
             ModelConfig(id="tiny-mistral-v3", source="none", engine="fake", engine_args={"tokens_per_s": 200})
         )
-    else:
+    elif request.param == "vllm":
         from serve_app.engine.vllm.engine import VLLMEngine
 
         engine = VLLMEngine(_vllm_model())
+    else:
+        from serve_app.engine.vllm.frontends import VLLMFrontends
+
+        engine = VLLMFrontends(_vllm_model().model_copy(update={"frontends": 2}))
     h = Harness(engine)
     h.run(engine.start())
     try:
@@ -86,8 +91,20 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
 
 def _vllm_only(harness: Harness, why: str) -> None:
     """Skip a test of a vLLM fault that the fake engine cannot have."""
+    if type(harness.engine).__name__ not in ("VLLMEngine", "VLLMFrontends"):
+        pytest.skip(why)
+
+
+def _in_process_only(harness: Harness, why: str) -> None:
+    """Skip a test that reaches into vLLM in this process: the vLLM engine with one frontend."""
     if type(harness.engine).__name__ != "VLLMEngine":
         pytest.skip(why)
+
+
+async def _stats(engine: Engine) -> EngineStats:
+    """The engine's stats now: with frontend processes, as they see them (`stats()` there counts
+    the requests the replica relays, and the scheduler's figures lag by up to half a second)."""
+    return await engine.current_stats()
 
 
 def _sse_payloads(items: list[Head | bytes | Usage]) -> list[str]:
@@ -196,7 +213,7 @@ def test_closing_a_stream_frees_the_request(harness: Harness) -> None:
         assert isinstance(head, Head) and head.stream
         await gen.__anext__()
         await gen.__anext__()
-        stats = harness.engine.stats()
+        stats = await _stats(harness.engine)
         assert stats.in_flight == 1 and stats.running + stats.waiting >= 1
         await gen.aclose()  # what a Serve cancellation does to the replica's generator
         await _released_within(harness.engine, 1.0, "after its generator was closed")
@@ -207,12 +224,12 @@ def test_closing_a_stream_frees_the_request(harness: Harness) -> None:
 def test_info_and_health(harness: Harness) -> None:
     assert harness.engine.info().max_model_len >= 1024
     harness.run(harness.engine.check_health())
-    assert harness.engine.stats().in_flight == 0
+    assert harness.run(_stats(harness.engine)).in_flight == 0
 
 
 def test_vllm_bounds_the_images_it_decodes_as_the_replica_does(harness: Harness) -> None:
     """Images vLLM fetches from an allowed host never pass serve_app.guards.media's pixel check."""
-    _vllm_only(harness, "the fake engine decodes no image")
+    _in_process_only(harness, "frontends: test_every_frontend_runs_the_engine_side_path")
     import vllm.envs
 
     assert harness.engine.limits.max_image_pixels == vllm.envs.VLLM_MAX_IMAGE_PIXELS
@@ -234,11 +251,12 @@ def test_two_requests_under_one_id_are_kept_apart(harness: Harness) -> None:
             head = await stream.__anext__()
             assert isinstance(head, Head) and head.stream
             await stream.__anext__()
-        assert harness.engine.stats().in_flight == 2
+        assert (await _stats(harness.engine)).in_flight == 2
         await first.aclose()  # its client left
         await asyncio.sleep(0.3)
         try:
-            assert harness.engine.stats().in_flight == 1, "the other request under that id was ended too"
+            held = (await _stats(harness.engine)).in_flight
+            assert held == 1, "the other request under that id was ended too"
             for _ in range(3):
                 assert isinstance(await second.__anext__(), bytes)
         finally:
@@ -266,7 +284,7 @@ def _patched(harness: Harness, name: str, patched: bool) -> Iterator[Patch]:
     """Run with the engine's fix of one vLLM fault in place, or taken out (vLLM engine only)."""
     from serve_app.engine.vllm.patches import all_patches, reverted
 
-    _vllm_only(harness, "the patches mend faults of vLLM")
+    _in_process_only(harness, "the patches are tested in this process; frontends apply the same")
     (patch,) = [p for p in all_patches() if p.name == name]
     with contextlib.nullcontext() if patched else reverted(patch):
         yield patch
@@ -327,7 +345,11 @@ def test_a_request_cancelled_at_any_moment_leaves_nothing(harness: Harness) -> N
             elif delay_s:
                 await asyncio.sleep(delay_s)
             reached.add(
-                "streaming" if len(items) > 1 else "held" if harness.engine.stats().in_flight else "early"
+                "streaming"
+                if len(items) > 1
+                else "held"
+                if (await _stats(harness.engine)).in_flight
+                else "early"
             )
             await _cancel(task)
             await _released_within(harness.engine, 2.0, f"cancelled after {turns} loop turns and {delay_s} s")
@@ -401,7 +423,7 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
 
 async def _released_within(engine: Engine, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
-    while (held := engine.stats().in_flight) != 0:
+    while (held := (await _stats(engine)).in_flight) != 0:
         assert time.monotonic() < deadline, (
             f"{held} request(s) still held {seconds:g} s after a client left, {what}"
         )
@@ -437,6 +459,43 @@ def test_tool_parser_tables_are_built_once_per_tokenizer(harness: Harness, patch
         assert distinct == len(tables), _no_longer_needed(patch)
 
 
+def test_every_frontend_runs_the_engine_side_path(harness: Harness) -> None:
+    """Each frontend process has the fixes of vLLM's faults in place and the replica's image
+    bound, and runs in a process of its own under this one."""
+    if type(harness.engine).__name__ != "VLLMFrontends":
+        pytest.skip("one frontend: the engine runs in this process")
+    from serve_app.engine.vllm.patches import apply_all
+
+    facts = harness.run(harness.engine.facts())  # type: ignore[attr-defined]
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert len({f["pid"] for f in facts}) == 2 and {f["pid"] for f in facts} <= ours, facts
+    expected = apply_all()
+    assert expected, "no vLLM fix applies to this release"
+    for fact in facts:
+        assert fact["patches"] == expected, fact
+        assert fact["max_image_pixels"] == harness.engine.limits.max_image_pixels, fact
+
+
+def test_requests_go_to_the_least_busy_frontend(harness: Harness) -> None:
+    if type(harness.engine).__name__ != "VLLMFrontends":
+        pytest.skip("one frontend")
+
+    async def go() -> None:
+        streams = [harness.engine.handle(Route.CHAT, LONG_STREAM, f"rid-spread-{i}") for i in range(4)]
+        try:
+            for stream in streams:
+                await stream.__anext__()
+                await stream.__anext__()
+            facts = await harness.engine.facts()  # type: ignore[attr-defined]
+            assert [f["in_flight"] for f in facts] == [2, 2], facts
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        await _released_within(harness.engine, 2.0, "after the spread streams were closed")
+
+    harness.run(go())
+
+
 def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> None:
     """Last in this module: it ends the engine. A replica asks `dead()` before it takes a
     request; vLLM marks its client errored only once its monitor thread has run, so the engine
@@ -444,7 +503,7 @@ def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> 
     _vllm_only(harness, "the fake engine has no process to lose")
     assert not harness.engine.dead()
     ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    cores = compat.engine_core_pids(harness.engine._client)  # type: ignore[attr-defined]
+    cores = harness.engine.core_pids  # type: ignore[attr-defined]
     assert cores and set(cores) <= ours, (cores, ours)
     for pid in cores:
         os.kill(pid, signal.SIGKILL)

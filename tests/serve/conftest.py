@@ -53,13 +53,24 @@ class RunningApp:
         return stats
 
 
+TWO_FRONTENDS = "tiny-mistral-v3"
+
+
 @pytest.fixture(scope="package")
 def local_app() -> Iterator[RunningApp]:
     """configs/local.yaml served on a free loopback port by the launcher `serve_app run` uses;
-    stopped with every process it made."""
+    stopped with every process it made.
+
+    The v3 model's engine is served by two frontend processes (serve_app.engine.vllm.frontends),
+    so that this suite, the conformance with `vllm serve` included, runs that path; the Tekken
+    model's replica runs its engine itself, as the demo does (one frontend)."""
     from serve_app.serving.builder import build_openai_app
 
     config = load_app_config(load_serve_file(ROOT / "configs/local.yaml").args, base_dir=ROOT)
+    models = tuple(
+        m.model_copy(update={"frontends": 2}) if m.id == TWO_FRONTENDS else m for m in config.models
+    )
+    config = config.model_copy(update={"models": models})
     # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
     metrics_env = {"RAY_metrics_report_interval_ms": "1000"}
     with LocalServe(dashboard_port=free_port(), env=metrics_env) as local:

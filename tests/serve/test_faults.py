@@ -30,7 +30,8 @@ STREAMS = 6
 
 @pytest.fixture(scope="module")
 def faulty_url(local_app: RunningApp) -> Iterator[str]:
-    """Two replicas of the demo vLLM model, health-checked every 2 s."""
+    """Two replicas of the demo vLLM model, each an engine core served by two frontend
+    processes (serve_app.engine.vllm.frontends), health-checked every 2 s."""
     from ray import serve
 
     from serve_app.config import load_app_config
@@ -47,6 +48,7 @@ def faulty_url(local_app: RunningApp) -> Iterator[str]:
         },
         "num_gpus": 0,
         "num_cpus": 0,
+        "frontends": 2,
         "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
         "deployment": {
             "num_replicas": 2,

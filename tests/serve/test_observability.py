@@ -17,7 +17,9 @@ from serve_app.tools.load import sse_events
 from tests.serve.conftest import APP_NAME, RunningApp
 from tests.support.prom import Scrape, scrape, wait_for
 
-MODEL = "tiny-mistral-v3"
+# The model whose replica runs its engine itself (one frontend): with several frontend
+# processes, vLLM's own metrics stay in them, unexported (README, Several vLLM frontend processes).
+MODEL = "tiny-mistral-tekken"
 REQUESTS = "ray_mistral_serve_requests_total"
 VLLM_TOKENS = "ray_vllm_generation_tokens_total"  # vLLM's own, exported apart from ours
 
@@ -227,7 +229,7 @@ def test_request_id_is_kept_and_logged_without_the_prompt(local_app: RunningApp)
     def hops() -> set[str]:
         files = {name for name, _ in _log_lines(local_app.session_dir, request_id)}
         ingress = any(name.startswith("replica_mistral_OpenAIIngress") for name in files)
-        model = any(name.startswith("replica_mistral_tiny-mistral-v3") for name in files)
+        model = any(name.startswith(f"replica_mistral_{MODEL}") for name in files)
         return files if ingress and model else set()
 
     assert wait_for_value(hops), {name for name, _ in _log_lines(local_app.session_dir, request_id)}

@@ -62,5 +62,5 @@ def add_front_option(parser: argparse.ArgumentParser) -> None:
         "--front",
         choices=sorted(FRONTS),
         default=DEFAULT_FRONT,
-        help=f"how HTTP reaches the ingress: Serve's proxy or HAProxy (serve_app/front.py; default: {DEFAULT_FRONT})",
+        help=f"how HTTP reaches the ingress: Serve's proxy or HAProxy (serve_app/local/front.py; default: {DEFAULT_FRONT})",
     )

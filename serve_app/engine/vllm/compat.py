@@ -83,7 +83,11 @@ def engine_core_pids(client: Any) -> list[int]:
     `multiprocessing` processes on the core client's `resources.engine_manager`); empty where
     the engine core runs in-process or the layout is unknown."""
     resources = getattr(getattr(client, "engine_core", None), "resources", None)
-    manager = getattr(resources, "engine_manager", None)
+    return manager_pids(getattr(resources, "engine_manager", None))
+
+
+def manager_pids(manager: Any) -> list[int]:
+    """The process ids of the engine core processes a vLLM `CoreEngineProcManager` started."""
     return [int(proc.pid) for proc in getattr(manager, "processes", ()) if proc.pid is not None]
 
 

@@ -122,14 +122,14 @@ class FrontendRelay:
     def stats(self) -> EngineStats:
         """The load at once: the requests this replica relays, and the scheduler's figures as
         last read."""
-        in_flight = sum(f.in_flight for f in self.frontends)
-        load = self.engine_load()
-        return load.stats(in_flight) if load is not None else EngineStats(in_flight=in_flight)
+        return self._stats(sum(f.in_flight for f in self.frontends))
 
     async def current_stats(self) -> EngineStats:
         """The load as the frontends' engines hold it now."""
         await self.read_loads()
-        in_flight = sum(f.load.in_flight for f in self.frontends if f.load is not None)
+        return self._stats(sum(f.load.in_flight for f in self.frontends if f.load is not None))
+
+    def _stats(self, in_flight: int) -> EngineStats:
         load = self.engine_load()
         return load.stats(in_flight) if load is not None else EngineStats(in_flight=in_flight)
 
@@ -181,7 +181,7 @@ class VLLMFrontends(Engine):
             self._socket_dir,
         )
         self._launch = launch
-        self._core_pids = [int(p.pid) for p in getattr(launch.engine_manager, "processes", ())]
+        self._core_pids = compat.manager_pids(launch.engine_manager)
         self._relay = FrontendRelay(
             [Frontend(i, str(spec.socket_path(i)), int(p.pid)) for i, p in enumerate(launch.frontends)]
         )

@@ -3,8 +3,9 @@
 With one frontend, the replica runs vLLM's `AsyncLLM` itself (`VLLMEngine`), and under load its
 one Python process is the cap: vLLM's output processing and detokenization, its OpenAI chunk
 formatting and Serve's messages share one core. `vllm serve --api-server-count N` spreads that
-work over N API server processes on one engine core; this engine does the same with vLLM's own
-launcher, and each frontend process runs a whole `VLLMEngine` on the shared core
+work over N API server processes on one engine core; this engine does the same (the core
+started by vLLM's own launcher, the frontends by `compat.launch_with_frontends`), and each
+frontend process runs a whole `VLLMEngine` on the shared core
 (serve_app.engine.vllm.frontend_process), so every request gets the same checks and answers.
 
 The replica owns it all: it starts the engine core and the frontends and stops them; it sends

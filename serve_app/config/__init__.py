@@ -30,6 +30,7 @@ from serve_app.config.model import (
     DeploymentOptions,
     MediaOptions,
     ModelConfig,
+    WarmTierOptions,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "RequestLimits",
     "ServeFile",
     "StrictModel",
+    "WarmTierOptions",
     "load_app_config",
     "load_serve_file",
     "read_yaml",

@@ -12,6 +12,7 @@ from serve_app.config.base import StrictModel
 
 # vLLM's usual max_num_seqs on a GPU; set engine_args.max_num_seqs to size a model exactly.
 DEFAULT_MAX_NUM_SEQS = 256
+VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
 
 
 class AutoscalingOptions(StrictModel):
@@ -125,6 +126,41 @@ class MediaOptions(StrictModel):
     )
 
 
+class WarmTierOptions(StrictModel):
+    """Sleep instead of removal: an idle replica parks its engine (vLLM's sleep mode, level 1:
+    weights to host memory, KV cache dropped) and wakes it for the next request in seconds,
+    where a cold start takes minutes. Replicas of models in one `gpu_group` may share a GPU:
+    at most as many are awake on it as their `gpu_memory_share`s fit, and waking one first puts
+    the least recently used to sleep (serve_app.serving.gpu_lease)."""
+
+    sleep_after_idle_s: float = Field(
+        gt=0,
+        description="Seconds a replica has had no request before its engine sleeps. It is removed "
+        "only later, as without the tier (autoscaling's downscale_to_zero_delay_s, with min_replicas 0).",
+    )
+    gpu_group: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Models of one group share GPUs: set num_gpus below 1 (e.g. 0.5) so that Ray "
+        "places their replicas on one GPU; the group's lease keeps at most as many awake per GPU as fit.",
+    )
+    gpu_memory_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of its GPU's memory the model uses awake (vLLM's gpu_memory_utilization, "
+        "which it sets; default: engine_args.gpu_memory_utilization, else vLLM's 0.9).",
+    )
+    wake_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a request waits for its model to wake (room made on the GPU included); "
+        "past it the request gets 503 with Retry-After.",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: the names clients send, its weights, and how to run it."""
 
@@ -190,11 +226,46 @@ class ModelConfig(StrictModel):
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
     )
+    warm_tier: WarmTierOptions | None = Field(
+        None,
+        description="Sleep instead of removal when idle, and GPU sharing between models (see WarmTierOptions).",
+    )
 
     @model_validator(mode="after")
     def _frontends_of_vllm(self) -> ModelConfig:
         if self.engine != "vllm" and (self.frontends or 1) > 1:
             raise ValueError(f"frontends: only the vllm engine has frontend processes, not {self.engine}")
+        return self
+
+    @model_validator(mode="after")
+    def _warm_tier_fits(self) -> ModelConfig:
+        warm = self.warm_tier
+        if warm is None:
+            return self
+        utilization = self.engine_args.get("gpu_memory_utilization")
+        if (
+            warm.gpu_memory_share is not None
+            and utilization is not None
+            and utilization != warm.gpu_memory_share
+        ):
+            raise ValueError(
+                f"warm_tier.gpu_memory_share ({warm.gpu_memory_share}) and engine_args.gpu_memory_utilization "
+                f"({utilization}) disagree: set one"
+            )
+        if warm.gpu_group is not None and self.gpus_per_replica > 1:
+            raise ValueError(
+                "warm_tier.gpu_group: models share single GPUs; this one takes "
+                f"{self.gpus_per_replica:g} GPUs per replica"
+            )
+        auto = self.deployment.autoscaling
+        if auto is not None and auto.min_replicas == 0:
+            to_zero = auto.downscale_to_zero_delay_s
+            to_zero = auto.downscale_delay_s if to_zero is None else to_zero
+            if warm.sleep_after_idle_s >= to_zero:
+                raise ValueError(
+                    f"warm_tier.sleep_after_idle_s ({warm.sleep_after_idle_s:g}) must be shorter than the "
+                    f"idle time after which the replica is removed (downscale_to_zero_delay_s: {to_zero:g})"
+                )
         return self
 
     @field_validator("engine_args", "server_args")
@@ -246,6 +317,13 @@ class ModelConfig(StrictModel):
         if self.frontends is not None:
             return self.frontends
         return max(1, math.floor(self.num_cpus) - 1)
+
+    @property
+    def gpu_memory_share(self) -> float:
+        """Share of its GPU's memory one replica uses awake (what a GPU lease counts)."""
+        if self.warm_tier is not None and self.warm_tier.gpu_memory_share is not None:
+            return self.warm_tier.gpu_memory_share
+        return float(self.engine_args.get("gpu_memory_utilization", VLLM_GPU_MEMORY_UTILIZATION))
 
     @property
     def gpus_per_replica(self) -> float:

@@ -38,6 +38,8 @@ class FakeEngineArgs(BaseModel):
     max_num_seqs: int = Field(8, ge=1, description="Requests generated at once; more wait.")
     max_model_len: int = Field(4096, ge=16, description="Context length: prompt + max_tokens.")
     startup_s: float = Field(0.0, ge=0, description="Seconds start() takes (a model load).")
+    sleep_s: float = Field(0.0, ge=0, description="Seconds sleep() takes (weights to host memory).")
+    wake_s: float = Field(0.0, ge=0, description="Seconds wake_up() takes (weights back).")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs",
         description="Which waiting request gets a free slot: the oldest (fcfs), or the one with the "
@@ -105,6 +107,7 @@ class FakeEngine(Engine):
         self._in_flight = 0
         self._running = 0
         self._started = False
+        self.asleep = False
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -131,6 +134,20 @@ class FakeEngine(Engine):
     async def check_health(self) -> None:
         if not self._started:
             raise RuntimeError("the fake engine has not been started")
+
+    @classmethod
+    def sleep_unsupported(cls, config: ModelConfig) -> str | None:
+        return None
+
+    async def sleep(self) -> None:
+        if self._in_flight:
+            raise RuntimeError(f"the engine cannot sleep with {self._in_flight} requests in flight")
+        await asyncio.sleep(self.args.sleep_s)
+        self.asleep = True
+
+    async def wake_up(self) -> None:
+        await asyncio.sleep(self.args.wake_s)
+        self.asleep = False
 
     async def shutdown(self) -> None:
         self._started = False
@@ -167,8 +184,8 @@ class FakeEngine(Engine):
         return req, prompt_tokens, max_tokens
 
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
-        if not self._started:
-            raise RuntimeError("the fake engine has not been started")
+        if not self._started or self.asleep:
+            raise RuntimeError(f"the fake engine is {'asleep' if self._started else 'not started'}")
         if route not in (Route.CHAT, Route.COMPLETION):
             yield Head(404, error_body(404, f"the fake engine does not serve the {route.value} API"))
             return

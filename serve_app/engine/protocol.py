@@ -113,6 +113,21 @@ class Engine(ABC):
         (e.g. over frontend processes); for diagnostics and tests."""
         return self.stats()
 
+    @classmethod
+    def sleep_unsupported(cls, config: ModelConfig) -> str | None:
+        """Why `config` cannot sleep on this engine, or None if it can (see `sleep`)."""
+        return f"the {config.engine} engine has no sleep mode"
+
+    async def sleep(self) -> None:
+        """Park the engine: free its accelerator memory, keeping what waking needs (vLLM's sleep
+        level 1: weights to host memory, KV cache dropped). Call only with no request in flight;
+        `handle` may not be called again before `wake_up`."""
+        raise NotImplementedError(self.sleep_unsupported(self.config))
+
+    async def wake_up(self) -> None:
+        """Bring a sleeping engine back; `handle` may be called once this returns."""
+        raise NotImplementedError(self.sleep_unsupported(self.config))
+
     @abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and every process it started."""

@@ -12,11 +12,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppConfig, ModelConfig, load_app_config
-from serve_app.engine import engine_class
+from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_config
+from serve_app.engine import engine_class, engine_for
 from serve_app.engine.protocol import Engine
 from serve_app.models.mistral_layout import infer_args
 from serve_app.serving.catalog import ModelCard
+from serve_app.serving.gpu_lease import LEASES_NAME, GpuLeases
 from serve_app.serving.ingress import make_ingress
 from serve_app.serving.server import REPLICA_ENV, ModelServer
 
@@ -57,6 +58,26 @@ def model_card(model: ModelConfig) -> ModelCard:
     )
 
 
+def check_warm_tier(model: ModelConfig, engine_cls: type[Engine]) -> None:
+    """A model with a warm tier must be able to sleep where it runs."""
+    if model.warm_tier is not None and (why := engine_cls.sleep_unsupported(model)) is not None:
+        raise ConfigError(f"model '{model.id}': warm_tier: {why}")
+
+
+def _leases(config: AppConfig) -> Application | None:
+    """The GPU lease keeper, where some model shares its GPUs (`warm_tier.gpu_group`)."""
+    if not any(m.warm_tier is not None and m.warm_tier.gpu_group for m in config.models):
+        return None
+    # One replica keeps every GPU's book; its calls are waits (long polls), not work.
+    return (
+        serve.deployment(GpuLeases)
+        .options(
+            name=LEASES_NAME, num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
+        )
+        .bind()
+    )
+
+
 def build_openai_app(
     config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
 ) -> Application:
@@ -65,10 +86,18 @@ def build_openai_app(
     if validate_engine and engine_cls is None:
         for model in config.models:
             engine_class(model.engine).validate(model)
+    for model in config.models:
+        check_warm_tier(model, engine_cls or engine_for(model))
+    leases = _leases(config)
     handles = {
         model.deployment_name: serve.deployment(ModelServer)
         .options(**ModelServer.get_deployment_options(model))
-        .bind(model, engine_cls, config.limits)
+        .bind(
+            model,
+            engine_cls,
+            config.limits,
+            leases if model.warm_tier and model.warm_tier.gpu_group else None,
+        )
         for model in config.models
     }
     ingress = config.ingress

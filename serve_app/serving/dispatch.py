@@ -2,7 +2,8 @@
 
 A request waits (not failed) while the model has no free replica, e.g. while it scales up
 from zero, for at most the model's `request_wait_timeout_s`. A full router queue sheds it at
-once. A replica that fails before it took the request (its first item) is tried once more, on
+once. A replica whose model could not wake (serve_app.serving.warm) fails the request at once.
+A replica that fails before it took the request (its first item) is tried once more, on
 another replica: the request never reached an engine. One that fails after taking it is not:
 the request may be what killed its engine, and would kill the next one too. Each refusal is a
 503 with Retry-After.
@@ -21,6 +22,7 @@ from serve_app.engine.protocol import Head, Route
 from serve_app.errors import ApiError
 from serve_app.serving.catalog import ServedModel, shown
 from serve_app.serving.telemetry import RequestRecord
+from serve_app.serving.warm import WakeFailed
 
 logger = logging.getLogger("ray.serve")
 
@@ -30,6 +32,14 @@ ATTEMPTS = 2
 
 def _retry_later(message: str) -> ApiError:
     return ApiError(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _wake_failure(exc: BaseException) -> WakeFailed | None:
+    """The `WakeFailed` a replica raised, as Ray delivers it (wrapped in a RayTaskError)."""
+    for candidate in (exc, getattr(exc, "cause", None)):
+        if isinstance(candidate, WakeFailed) and candidate.args:
+            return candidate
+    return None
 
 
 async def dispatch(
@@ -65,6 +75,12 @@ async def dispatch(
             # The replica or its engine failed before the first byte: nothing reached the client.
             stream.cancel()
             record.error = repr(exc)
+            if (failed := _wake_failure(exc)) is not None:
+                # Every request that waited for this wake fails with it; a retry would wait again.
+                logger.warning("request %s: model %s could not wake: %s", request_id, name, failed.args[0])
+                raise _retry_later(
+                    f"The model `{name}` could not wake: {failed.args[0]}; retry later."
+                ) from None
             if attempt < ATTEMPTS and not taken:
                 logger.warning(
                     "request %s: model %s failed before responding (%r); retrying", request_id, name, exc

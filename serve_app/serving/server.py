@@ -14,9 +14,11 @@ from serve_app.config import ModelConfig, RequestLimits
 from serve_app.engine import engine_for
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
+from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.reaper import start_reaper
 from serve_app.serving.streams import coalesce
-from serve_app.serving.telemetry import GAUGE_PERIOD_S, EngineGauges
+from serve_app.serving.telemetry import GAUGE_PERIOD_S, EngineGauges, WarmTierMetrics
+from serve_app.serving.warm import WarmTier
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,19 +65,43 @@ class ModelServer:
     """One replica of one model: starts its engine and serves the OpenAI routes it handles."""
 
     async def __init__(  # type: ignore[misc]
-        self, config: ModelConfig, engine_cls: type[Engine] | None = None, limits: RequestLimits | None = None
+        self,
+        config: ModelConfig,
+        engine_cls: type[Engine] | None = None,
+        limits: RequestLimits | None = None,
+        leases: Any = None,
     ) -> None:
+        """`leases`: a handle to the application's GpuLeases deployment, for a model in a
+        `warm_tier.gpu_group`."""
         self._config = config
         # Engine processes must not outlive this replica, even if it is killed.
         self._reaper = start_reaper()
         self._engine = (engine_cls or engine_for(config))(config)
         if limits is not None:
             self._engine.limits = limits
+        self._warm = self._warm_tier(leases)
+        if self._warm is not None:
+            await self._warm.before_start()
         logger.info("model %s: starting engine", config.id)
         with _keep_log_handlers():
             await self._engine.start()
         logger.info("model %s: engine ready", config.id)
+        if self._warm is not None:
+            self._warm.run()
         self._gauges_task = asyncio.create_task(self._report_load())
+
+    def _warm_tier(self, leases: Any) -> WarmTier | None:
+        options = self._config.warm_tier
+        if options is None:
+            return None
+        replica = _replica_id()
+        lease = None
+        if options.gpu_group is not None and leases is not None:
+            holder = HolderInfo(replica, self._config.id, self._config.gpu_memory_share)
+            lease = ServeLease(leases, gpu_key(options.gpu_group), holder)
+        return WarmTier(
+            self._config.id, self._engine, options, lease, WarmTierMetrics(self._config.id, replica)
+        )
 
     async def _report_load(self) -> None:
         """Publish the engine's load as Ray gauges every `GAUGE_PERIOD_S`."""
@@ -94,11 +120,15 @@ class ModelServer:
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams.
 
         A replica whose engine is already dead does not take the request: it ends, and the
-        ingress tries another replica (it retries only requests that no replica took)."""
+        ingress tries another replica (it retries only requests that no replica took). One
+        whose engine sleeps (warm tier) wakes it first, or fails the request with WakeFailed."""
         if self._engine.dead():
             self._die()
-        yield None
+        if self._warm is not None:
+            # Before taking the request: the ingress holds it meanwhile, as at zero replicas.
+            await self._warm.enter()
         try:
+            yield None
             # Chunks that queue while Serve sends earlier ones travel on as one message.
             interval_s = self._config.stream_batching_interval_ms / 1000
             stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
@@ -111,6 +141,9 @@ class ModelServer:
             if self._engine.dead():
                 self._die()
             raise
+        finally:
+            if self._warm is not None:
+                self._warm.leave()
 
     def _die(self) -> None:
         """The engine is gone for good: end this replica's process at once.
@@ -141,6 +174,8 @@ class ModelServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if (warm := getattr(self, "_warm", None)) is not None:
+            await warm.close()
         await self._engine.shutdown()
         if (reaper := getattr(self, "_reaper", None)) is not None:
             reaper.terminate()

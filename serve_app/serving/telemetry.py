@@ -329,3 +329,50 @@ class EngineGauges:
         self._running.set(stats.running, tags=self._tags)
         self._waiting.set(stats.waiting, tags=self._tags)
         self._kv_cache.set(stats.kv_cache_usage, tags=self._tags)
+
+
+WAKE_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300]
+
+
+class WarmTierMetrics:
+    """A model replica's warm tier (serve_app.serving.warm) as Ray metrics: whether it is awake,
+    its wakes and how long they took, and its sleeps, by reason (idle, or forced to make room
+    for another model on its GPU)."""
+
+    def __init__(self, model: str, replica: str) -> None:
+        from ray.util import metrics
+
+        self._tags = {"model": model}
+        self._replica_tags = {"model": model, "replica": replica}
+        self._awake = metrics.Gauge(
+            "mistral_serve_model_awake",
+            description="1 while the replica's engine is awake, 0 while it sleeps (no series: no replica).",
+            tag_keys=("model", "replica"),
+        )
+        self._wakes = metrics.Counter(
+            "mistral_serve_model_wakes", description="Engine wake-ups.", tag_keys=("model",)
+        )
+        self._wake_seconds = metrics.Histogram(
+            "mistral_serve_model_wake_seconds",
+            description="Seconds from a request to a sleeping replica until its engine is awake "
+            "(room made on the GPU included).",
+            boundaries=WAKE_BUCKETS,
+            tag_keys=("model",),
+        )
+        self._sleeps = metrics.Counter(
+            "mistral_serve_model_sleeps",
+            description="Engine sleeps, by reason: idle, or forced (to make room for another model).",
+            tag_keys=("model", "reason"),
+        )
+
+    def awake(self, awake: bool) -> None:
+        self._awake.set(1 if awake else 0, tags=self._replica_tags)
+
+    def woke(self, seconds: float) -> None:
+        self._wakes.inc(tags=self._tags)
+        self._wake_seconds.observe(seconds, tags=self._tags)
+        self.awake(True)
+
+    def slept(self, forced: bool) -> None:
+        self._sleeps.inc(tags={**self._tags, "reason": "forced" if forced else "idle"})
+        self.awake(False)

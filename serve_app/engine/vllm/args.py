@@ -63,6 +63,10 @@ def build_namespace(config: ModelConfig) -> Namespace:
     ns.served_model_name = list(config.names)
     for key, value in {**config.engine_args, **config.server_args}.items():
         setattr(ns, key, value)
+    if config.warm_tier is not None:
+        # The warm tier parks the engine with vLLM's sleep mode, in its share of the GPU.
+        ns.enable_sleep_mode = True
+        ns.gpu_memory_utilization = config.gpu_memory_share
     if "allowed_media_domains" in engine_arg_names():
         # vLLM's own allow-list too, as a second line behind serve_app.guards.media's check.
         # vLLM reads an empty list as "any host": with no host allowed, it gets one that never
@@ -115,6 +119,13 @@ def validate_engine_args(config: ModelConfig) -> None:
         engine_args(ns)
     except Exception as exc:  # vLLM raises ValueError, TypeError, pydantic errors...
         raise ConfigError(f"model '{config.id}': engine_args: {exc}") from None
+
+
+def sleep_unsupported(config: ModelConfig) -> str | None:
+    """Why vLLM cannot sleep with this model's placement (its sleep mode needs a CUDA or ROCm GPU)."""
+    if config.gpus_per_replica == 0:
+        return "vLLM's sleep mode runs on GPUs only, and this model runs on the CPU (num_gpus: 0)"
+    return None
 
 
 def check_source(config: ModelConfig) -> None:

@@ -73,6 +73,15 @@ def async_llm_options(engine_args: Any) -> dict[str, Any]:
     }
 
 
+async def sleep(client: Any, level: int) -> None:
+    """`AsyncLLM.sleep`, letting requests in flight finish first where the release can (both
+    0.24 and 0.32 take `mode`, whose default "abort" would end them)."""
+    if "mode" in inspect.signature(client.sleep).parameters:
+        await client.sleep(level=level, mode="wait")
+    else:
+        await client.sleep(level=level)
+
+
 def shutdown_timeout(vllm_config: Any) -> float | None:
     """How long `AsyncLLM.shutdown` may wait for the engine core (0.24 has no setting)."""
     return getattr(vllm_config, "shutdown_timeout", None)

@@ -28,7 +28,13 @@ from starlette.datastructures import State
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.engine.vllm import compat, openai_layer
-from serve_app.engine.vllm.args import build_namespace, check_source, engine_args, validate_engine_args
+from serve_app.engine.vllm.args import (
+    build_namespace,
+    check_source,
+    engine_args,
+    sleep_unsupported,
+    validate_engine_args,
+)
 from serve_app.engine.vllm.patches import apply_all, json_coroutines
 from serve_app.engine.vllm.stats import SchedulerSnapshot, ray_stat_logger
 from serve_app.errors import error_body
@@ -148,10 +154,30 @@ class VLLMEngine(Engine):
         self._request_ids: set[str] = set()  # the ids of the requests running now
         self._core_pids: list[int] = []
         self.patches: list[str] = []  # the fixes of vLLM faults in place (.patches)
+        self.asleep = False
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
         validate_engine_args(config)
+
+    @classmethod
+    def sleep_unsupported(cls, config: ModelConfig) -> str | None:
+        return sleep_unsupported(config)
+
+    async def sleep(self) -> None:
+        """vLLM's sleep level 1: weights to host memory, KV cache (and prefix cache) dropped. Its
+        scheduler first lets a request in flight (a health probe) finish."""
+        await compat.sleep(self._client, level=1)
+        self.asleep = True
+
+    async def wake_up(self) -> None:
+        await self._client.wake_up()
+        self.asleep = False
+
+    async def reset_mm_cache(self) -> None:
+        """Forget which images the engine core holds (it dropped them when another client of
+        it put it to sleep)."""
+        await self._client.reset_mm_cache()
 
     async def start(self) -> None:
         check_source(self.config)
@@ -285,6 +311,8 @@ class VLLMEngine(Engine):
         within STALL_S; an idle one must generate one token within PROBE_TIMEOUT_S.
         """
         await self.check_alive()
+        if self.asleep:
+            return  # a parked engine generates nothing until woken
         load = self.load()
         if self._stall.needs_probe(load.in_flight > 0, load.last_step):
             await self.probe()

@@ -113,6 +113,12 @@ async def _call(engine: VLLMEngine, call: wire.Call) -> Any:
         return await engine.probe()
     if call.op == "info":
         return engine.info()
+    if call.op == "sleep":
+        return await engine.sleep()
+    if call.op == "wake_up":
+        return await engine.wake_up()
+    if call.op == "reset_mm_cache":
+        return await engine.reset_mm_cache()
     if call.op == "facts":
         return {
             "pid": os.getpid(),

@@ -32,7 +32,13 @@ from typing import Any
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.engine.vllm import compat, wire
-from serve_app.engine.vllm.args import build_namespace, check_source, engine_args, validate_engine_args
+from serve_app.engine.vllm.args import (
+    build_namespace,
+    check_source,
+    engine_args,
+    sleep_unsupported,
+    validate_engine_args,
+)
 from serve_app.engine.vllm.engine import PROBE_TIMEOUT_S, Load, StallWatch, alive
 from serve_app.engine.vllm.frontend_process import SPEC_ATTRIBUTE, FrontendSpec, run_frontend
 
@@ -40,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 LOAD_PERIOD_S = 0.5  # how often the frontends' view of the engine's load is read
 CALL_TIMEOUT_S = 30.0  # a frontend answers a health or load call within this
+SLEEP_TIMEOUT_S = 600.0  # the engine core moves its weights to host memory and back within this
 READY_TIMEOUT_S = 600.0  # frontends start with the engine core; vLLM waits as long for it
 
 
@@ -91,8 +98,8 @@ class FrontendRelay:
         for writer in list(self._open):
             writer.close()
 
-    async def call(self, frontend: Frontend, op: str) -> Any:
-        """One call to `frontend` and its result, within CALL_TIMEOUT_S."""
+    async def call(self, frontend: Frontend, op: str, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        """One call to `frontend` and its result, within `timeout_s`."""
 
         async def call() -> Any:
             reader, writer = await asyncio.open_unix_connection(frontend.path)
@@ -102,7 +109,7 @@ class FrontendRelay:
             finally:
                 writer.close()
 
-        return await asyncio.wait_for(call(), timeout=CALL_TIMEOUT_S)
+        return await asyncio.wait_for(call(), timeout=timeout_s)
 
     async def call_all(self, op: str) -> list[Any]:
         return list(await asyncio.gather(*(self.call(f, op) for f in self.frontends)))
@@ -152,10 +159,27 @@ class VLLMFrontends(Engine):
         self._stall = StallWatch()
         self._poller: asyncio.Task[None] | None = None
         self._probes = 0
+        self.asleep = False
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
         validate_engine_args(config)
+
+    @classmethod
+    def sleep_unsupported(cls, config: ModelConfig) -> str | None:
+        return sleep_unsupported(config)
+
+    async def sleep(self) -> None:
+        """Sleep the one engine core through one frontend (every frontend is a client of that
+        core); the others then drop their cache of what the core has seen of images."""
+        first, *others = self._relay.frontends
+        await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
+        self.asleep = True
+        await asyncio.gather(*(self._relay.call(f, "reset_mm_cache") for f in others))
+
+    async def wake_up(self) -> None:
+        await self._relay.call(self._relay.frontends[0], "wake_up", timeout_s=SLEEP_TIMEOUT_S)
+        self.asleep = False
 
     async def start(self) -> None:
         check_source(self.config)
@@ -229,6 +253,8 @@ class VLLMFrontends(Engine):
         if self.dead():
             raise RuntimeError("a process of the engine has died")
         await self._relay.call_all("alive")
+        if self.asleep:
+            return  # a parked engine generates nothing until woken
         load = self._relay.engine_load()
         if self._stall.needs_probe(self._relay.busy, load.last_step if load else time.monotonic()):
             frontends = self._relay.frontends

@@ -166,6 +166,13 @@ class ModelServer:
     async def engine_stats(self) -> EngineStats:
         return await self._engine.current_stats()
 
+    async def warm_tier_state(self) -> dict[str, Any] | None:
+        """Whether the engine is awake or asleep, and its wakes and sleeps so far (None: the
+        model has no warm tier)."""
+        if self._warm is None:
+            return None
+        return {"state": self._warm.state.value, "wakes": self._warm.wakes, "sleeps": dict(self._warm.sleeps)}
+
     async def check_health(self) -> None:
         await self._engine.check_health()
 

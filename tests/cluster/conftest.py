@@ -162,3 +162,28 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
     while not pred():
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(0.25)
+
+
+@pytest.fixture(scope="package")
+def url(gpu_cluster: None) -> str:
+    """Serve's HTTP proxy on the cluster, on a free loopback port."""
+    from ray import serve
+
+    from serve_app.local.launcher import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy(models: list[dict[str, Any]]) -> None:
+    """Run the app with these models (replacing the one before) and wait until it is ready."""
+    from ray import serve
+
+    from serve_app.config import load_app_config
+    from serve_app.serving.builder import build_openai_app
+
+    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
+    with SERVE_API_LOCK:
+        app = build_openai_app(config)
+    serve.run(app, name=APP, route_prefix="/")

@@ -21,22 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.config import load_app_config
-from serve_app.local.launcher import free_port
 from serve_app.tools.load import LoadThread, Result, chat_call, send_one
-from tests.cluster.conftest import APP, SERVE_API_LOCK, ReplicaTrace, wait_for
+from tests.cluster.conftest import APP, ReplicaTrace, deploy, wait_for
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("gpu_cluster")
-
-
-@pytest.fixture(scope="module")
-def url() -> str:
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return f"http://127.0.0.1:{port}"
 
 
 def fake_model(
@@ -62,17 +51,6 @@ def fake_model(
             },
         },
     }
-
-
-def deploy(models: list[dict[str, Any]]) -> None:
-    from ray import serve
-
-    from serve_app.serving.builder import build_openai_app
-
-    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
-    with SERVE_API_LOCK:
-        app = build_openai_app(config)
-    serve.run(app, name=APP, route_prefix="/")
 
 
 def stream_chat(url: str, model: str, max_tokens: int = 40) -> Result:

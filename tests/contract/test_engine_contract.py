@@ -227,6 +227,23 @@ def test_info_and_health(harness: Harness) -> None:
     assert harness.run(_stats(harness.engine)).in_flight == 0
 
 
+def test_a_sleeping_engine_stays_healthy_and_answers_as_before_once_awake(harness: Harness) -> None:
+    """The warm tier's contract (serve_app.serving.warm). vLLM's sleep mode needs a GPU: on the
+    CPU build the vLLM engines say so, and the test is skipped with their reason."""
+    engine = harness.engine
+    if (why := type(engine).sleep_unsupported(engine.config)) is not None:
+        pytest.skip(why)
+    body = {"model": "tiny-mistral-v3", "prompt": "Paris is", "max_tokens": 5, "temperature": 0}
+    before = harness.collect(Route.COMPLETION, body)
+    harness.run(engine.sleep())
+    harness.run(engine.check_health())  # asleep is not ill
+    harness.run(engine.wake_up())
+    after = harness.collect(Route.COMPLETION, body)
+    assert isinstance(before[0], Head) and isinstance(after[0], Head) and after[0].status == 200
+    choice = json.loads(after[0].body)["choices"][0]
+    assert choice["text"] == json.loads(before[0].body)["choices"][0]["text"]
+
+
 def test_vllm_bounds_the_images_it_decodes_as_the_replica_does(harness: Harness) -> None:
     """Images vLLM fetches from an allowed host never pass serve_app.guards.media's pixel check."""
     _in_process_only(harness, "frontends: test_every_frontend_runs_the_engine_side_path")

@@ -157,6 +157,18 @@ class LeaseBook:
             holder = self._holder(info)
             holder.last_used = max(holder.last_used, last_used)
             if not holder.acquiring:
+                if (
+                    awake
+                    and not holder.awake
+                    and not holder.evicting
+                    and self._free() < holder.info.share - _EPSILON
+                ):
+                    # Awake where the book has no room for it (the book restarted, or took it
+                    # for lost): it must sleep.
+                    logger.warning(
+                        "GPU lease: %s (replica %s) is awake beyond the GPU's room", info.model, info.id
+                    )
+                    holder.evicting = True
                 holder.awake = awake
             holder.polls += 1
             try:

@@ -87,12 +87,14 @@ class WarmTier:
         self._idle.set()
         self._last_used = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self._engine_started = asyncio.Event()  # a request to sleep waits for the engine's start
         self.wakes = 0
         self.sleeps = {"idle": 0, "forced": 0}
 
     async def before_start(self) -> None:
         """Take this replica's share of its GPU before its engine starts (the engine's memory
-        is allocated awake); waits as long as it takes to make room, saying so."""
+        is allocated awake); waits as long as it takes to make room, saying so. From then on
+        the replica polls its lease (its heartbeat), through the engine's start too."""
         if self._lease is None:
             return
         acquire = asyncio.ensure_future(self._lease.acquire())
@@ -100,20 +102,20 @@ class WarmTier:
         while True:
             try:
                 await asyncio.wait_for(asyncio.shield(acquire), timeout=START_LOG_S)
-                return
+                break
             except TimeoutError:
                 logger.info(
                     "model %s: waiting %.0f s for room on its GPU to start",
                     self.model_id,
                     time.monotonic() - started,
                 )
+        self._tasks.append(asyncio.create_task(self._sleep_when_asked()))
 
     def run(self) -> None:
-        """Start watching for idleness, and for requests to sleep (with a lease)."""
+        """The engine has started: watch for idleness, and sleep when asked (with a lease)."""
         self._metrics.awake(True)
+        self._engine_started.set()
         self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
-        if self._lease is not None:
-            self._tasks.append(asyncio.create_task(self._sleep_when_asked()))
 
     @property
     def in_flight(self) -> int:
@@ -238,6 +240,7 @@ class WarmTier:
                 await asyncio.sleep(LEASE_RETRY_S)
                 continue
             if asked:
+                await self._engine_started.wait()
                 await self.sleep(forced=True)
 
     async def close(self) -> None:

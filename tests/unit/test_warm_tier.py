@@ -109,9 +109,10 @@ def _fake(model_id: str = "m", **knobs: float) -> FakeEngine:
 
 
 async def _tier(engine: FakeEngine, lease: Any = None, **options: Any) -> WarmTier:
-    await engine.start()
+    """A replica's tier, started as ModelServer starts it: the lease, then the engine."""
     tier = WarmTier(engine.config.id, engine, WarmTierOptions(**{"sleep_after_idle_s": 60, **options}), lease)
     await tier.before_start()
+    await engine.start()
     tier.run()
     return tier
 
@@ -207,6 +208,25 @@ def test_a_replica_asked_to_sleep_finishes_its_requests_first() -> None:
         await running
         assert a.state is State.ASLEEP and a.sleeps["forced"] == 1
         for tier in (a, b):
+            await tier.close()
+
+    _run(go())
+
+
+def test_a_replica_keeps_its_room_through_a_long_engine_start() -> None:
+    async def go() -> None:
+        book = LeaseBook(lost_after_s=0.3)
+        slow, other = _fake("slow", startup_s=1.0), _fake("other")
+        starting = asyncio.ensure_future(
+            _tier(slow, BookLease(book, HolderInfo("slow", "slow", 0.6)), gpu_group="g")
+        )
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        second = await _tier(other, BookLease(book, HolderInfo("other", "other", 0.6)), gpu_group="g")
+        first = await starting
+        assert time.monotonic() - t0 >= 0.9  # it waited for the slow start, then for the sleep
+        assert first.state is State.ASLEEP and slow.asleep and book.awake() == {"other": "other"}
+        for tier in (first, second):
             await tier.close()
 
     _run(go())

@@ -33,7 +33,7 @@ from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.tools.bench.driver import WARMUP, level_specs, machine, make_prompt, run_load
 from serve_app.tools.bench.report import summarize
-from serve_app.tools.bench.targets import BenchError, OurApp
+from serve_app.tools.bench.targets import APP, BenchError, OurApp
 from serve_app.tools.load import Result, chat_call, completion_call, send_one
 
 if TYPE_CHECKING:
@@ -98,6 +98,19 @@ def throughput(url: str, model: str, args: argparse.Namespace) -> dict[str, Any]
     return summarize(results, wall, args.concurrency)
 
 
+def tier_states(config: AppConfig) -> dict[str, Any]:
+    """Each model's warm tier as its replica reports it (awake or asleep, wakes, sleeps): the
+    benchmark runs in the Ray driver of the app it started."""
+    from ray import serve
+
+    return {
+        m.id: serve.get_deployment_handle(m.deployment_name, APP)
+        .warm_tier_state.remote()
+        .result(timeout_s=60)
+        for m in config.models
+    }
+
+
 def run_tier(config: AppConfig, first: str, second: str, args: argparse.Namespace) -> dict[str, Any]:
     app = OurApp(config, free_port(), args.start_timeout_s, args.front)
     started = time.monotonic()
@@ -119,6 +132,8 @@ def run_tier(config: AppConfig, first: str, second: str, args: argparse.Namespac
                 f"{turn['errors']} errors",
                 flush=True,
             )
+        states = tier_states(config)
+        print(f"[tier] after the swaps: {states}", flush=True)
         # The last turn left `second` awake when swaps is even: wake `first` for the loop.
         if args.swaps % 2 == 0:
             swap(url, first, prompt, 0, args.swap_output_tokens)
@@ -127,7 +142,7 @@ def run_tier(config: AppConfig, first: str, second: str, args: argparse.Namespac
             f"[tier] {first} awake ({second} asleep): {load['output_tok_s']} tok/s, {load['errors']} errors",
             flush=True,
         )
-        return {"start_s": round(start_s, 1), "swaps": turns, "throughput": load}
+        return {"start_s": round(start_s, 1), "swaps": turns, "states": states, "throughput": load}
     finally:
         print("[tier] stopping...", flush=True)
         app.stop()
@@ -154,6 +169,8 @@ def figures(tier: dict[str, Any], plain: dict[str, Any] | None) -> dict[str, Any
     out: dict[str, Any] = {
         "swaps": len(tier["swaps"]),
         "failed_requests": sum(t["errors"] for t in tier["swaps"]) + tier["throughput"]["errors"],
+        "wakes": sum(state["wakes"] for state in tier["states"].values()),
+        "forced_sleeps": sum(state["sleeps"]["forced"] for state in tier["states"].values()),
         "wake_ttft_p50_s": round(statistics.median(wakes), 3) if wakes else None,
         "wake_ttft_max_s": wakes[-1] if wakes else None,
         "awake_tok_s": tier["throughput"]["output_tok_s"],

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from serve_app.config import WarmTierOptions
 from serve_app.engine.protocol import Engine
-from serve_app.serving.gpu_lease import Lease
+from serve_app.serving.gpu_lease import POLL_S, Lease
 
 logger = logging.getLogger("ray.serve")
 
@@ -228,7 +228,11 @@ class WarmTier:
                 await self.sleep(forced=False)
 
     async def _sleep_when_asked(self) -> None:
+        """Poll the lease, and sleep when asked. The polls are the replica's heartbeat: they go
+        on while the engine starts, drains its requests or sleeps (a holder that stops polling
+        is taken for gone, and its room given to another while its memory is still in use)."""
         assert self._lease is not None
+        sleeping: asyncio.Task[None] | None = None
         while True:
             try:
                 awake = self.state is State.AWAKE or self._waking
@@ -239,9 +243,16 @@ class WarmTier:
                 logger.warning("model %s: cannot reach its GPU lease: %r", self.model_id, exc)
                 await asyncio.sleep(LEASE_RETRY_S)
                 continue
-            if asked:
-                await self._engine_started.wait()
-                await self.sleep(forced=True)
+            if not asked:
+                continue
+            if sleeping is None or sleeping.done():
+                sleeping = asyncio.create_task(self._sleep_once_started())
+            # The poll answers at once while asked: look again within POLL_S.
+            await asyncio.wait({sleeping}, timeout=POLL_S)
+
+    async def _sleep_once_started(self) -> None:
+        await self._engine_started.wait()
+        await self.sleep(forced=True)
 
     async def close(self) -> None:
         """Stop watching and give the lease back (the replica stops)."""

@@ -216,7 +216,7 @@ def test_a_replica_asked_to_sleep_finishes_its_requests_first() -> None:
 def test_a_replica_keeps_its_room_through_a_long_engine_start() -> None:
     async def go() -> None:
         book = LeaseBook(lost_after_s=0.3)
-        slow, other = _fake("slow", startup_s=1.0), _fake("other")
+        slow, other = _fake("slow", startup_s=3.0), _fake("other")  # past POLL_S + the lost bound
         starting = asyncio.ensure_future(
             _tier(slow, BookLease(book, HolderInfo("slow", "slow", 0.6)), gpu_group="g")
         )
@@ -224,9 +224,25 @@ def test_a_replica_keeps_its_room_through_a_long_engine_start() -> None:
         t0 = time.monotonic()
         second = await _tier(other, BookLease(book, HolderInfo("other", "other", 0.6)), gpu_group="g")
         first = await starting
-        assert time.monotonic() - t0 >= 0.9  # it waited for the slow start, then for the sleep
+        assert time.monotonic() - t0 >= 2.9  # it waited for the slow start, then for the sleep
         assert first.state is State.ASLEEP and slow.asleep and book.awake() == {"other": "other"}
         for tier in (first, second):
+            await tier.close()
+
+    _run(go())
+
+
+def test_a_replica_keeps_its_room_while_it_drains_a_long_request() -> None:
+    async def go() -> None:
+        book = LeaseBook(lost_after_s=0.3)
+        a_engine, b_engine = _fake("a"), _fake("b")
+        a = await _tier(a_engine, BookLease(book, HolderInfo("a", "a", 0.6)), gpu_group="g")
+        running = asyncio.ensure_future(_request(a, a_engine, hold_s=3.0))  # 10x the lost bound
+        await asyncio.sleep(0.05)
+        b = await _tier(b_engine, BookLease(book, HolderInfo("b", "b", 0.6)), gpu_group="g")
+        assert running.done()  # b had to wait for the whole request
+        await running
+        for tier in (a, b):
             await tier.close()
 
     _run(go())

@@ -27,7 +27,9 @@ logger = logging.getLogger("ray.serve")
 
 CAPACITY = 1.0  # a GPU's memory, in shares
 POLL_S = 2.0  # a poll returns after this with no news: the holder's heartbeat
-LOST_AFTER_S = 10.0  # a holder that neither polled nor called for this long is gone
+# A holder that neither polled nor called for this long is gone. Generous: a replica's event loop
+# may block for tens of seconds while it imports vLLM and builds its config at start.
+LOST_AFTER_S = 60.0
 _EPSILON = 1e-9
 
 LEASES_NAME = "GpuLeases"  # the deployment's name

@@ -312,3 +312,48 @@ def test_vllm_gets_sleep_mode_and_its_memory_share() -> None:
     )
     ns = build_namespace(model)
     assert ns.enable_sleep_mode is True and ns.gpu_memory_utilization == 0.6
+
+
+class _SleepyClient:
+    """An AsyncLLM stand-in whose sleep takes until `release` is set; generating fails the test."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.errored = False
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        assert mode == "wait"  # requests in flight (a probe) finish first
+        await self.release.wait()
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self.release.wait()
+
+    async def check_health(self) -> None:
+        pass
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a health probe ran on an engine going to sleep or waking")
+
+
+def test_no_health_probe_runs_while_the_engine_goes_to_sleep_or_wakes() -> None:
+    """On the H200 a probe sent during a replica's first sleep (10 s) waited for a wake that
+    never came, failed the health check, and Serve replaced the replica."""
+    from serve_app.engine.vllm.engine import VLLMEngine
+
+    async def go() -> None:
+        engine = VLLMEngine(ModelConfig(id="m", source="none", num_gpus=1))
+        client = engine._client = _SleepyClient()
+        sleeping = asyncio.ensure_future(engine.sleep())
+        await asyncio.sleep(0.01)
+        await engine.check_health()  # while the sleep runs
+        client.release.set()
+        await sleeping
+        client.release.clear()
+        waking = asyncio.ensure_future(engine.wake_up())
+        await asyncio.sleep(0.01)
+        await engine.check_health()  # while the wake runs
+        client.release.set()
+        await waking
+        assert not engine.asleep
+
+    _run(go())

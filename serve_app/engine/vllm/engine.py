@@ -167,12 +167,16 @@ class VLLMEngine(Engine):
     async def sleep(self) -> None:
         """vLLM's sleep level 1: weights to host memory, KV cache (and prefix cache) dropped. Its
         scheduler first lets a request in flight (a health probe) finish."""
-        await compat.sleep(self._client, level=1)
-        self.asleep = True
+        self.asleep = True  # from now on: a health probe would wait for the wake, and fail
+        try:
+            await compat.sleep(self._client, level=1)
+        except BaseException:
+            self.asleep = False
+            raise
 
     async def wake_up(self) -> None:
         await self._client.wake_up()
-        self.asleep = False
+        self.asleep = False  # only now may a health probe generate
 
     async def reset_mm_cache(self) -> None:
         """Forget which images the engine core holds (it dropped them when another client of

@@ -173,13 +173,17 @@ class VLLMFrontends(Engine):
         """Sleep the one engine core through one frontend (every frontend is a client of that
         core); the others then drop their cache of what the core has seen of images."""
         first, *others = self._relay.frontends
-        await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
-        self.asleep = True
+        self.asleep = True  # from now on: a health probe would wait for the wake, and fail
+        try:
+            await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
+        except BaseException:
+            self.asleep = False
+            raise
         await asyncio.gather(*(self._relay.call(f, "reset_mm_cache") for f in others))
 
     async def wake_up(self) -> None:
         await self._relay.call(self._relay.frontends[0], "wake_up", timeout_s=SLEEP_TIMEOUT_S)
-        self.asleep = False
+        self.asleep = False  # only now may a health probe generate
 
     async def start(self) -> None:
         check_source(self.config)

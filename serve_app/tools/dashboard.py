@@ -199,7 +199,7 @@ def _clock(t: float, _pos: int | None = None) -> str:
     return f"{when:%H:%M}" if when.second == 0 else f"{when:%H:%M:%S}"
 
 
-_UNIT_LABELS = {"s": "seconds", "reqps": "requests/s", "percentunit": "", "short": ""}
+_UNIT_LABELS = {"s": "seconds", "reqps": "requests/s", "opm": "per minute", "percentunit": "", "short": ""}
 
 
 def render(

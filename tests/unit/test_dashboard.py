@@ -6,7 +6,9 @@ a matrix; nothing else starts.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -17,10 +19,11 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from serve_app.serving import telemetry
 from serve_app.tools import dashboard as dash
 from serve_app.tools.dashboard import DashboardError, metric_names, substitute
 
-ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors"]
+ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors", "Warm tier"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def test_dashboard_identity_and_variables(board: dict[str, Any]) -> None:
     assert model["datasource"]["uid"] == "${datasource}"
 
 
-def test_dashboard_has_the_five_rows(board: dict[str, Any]) -> None:
+def test_dashboard_has_its_rows(board: dict[str, Any]) -> None:
     assert [p["title"] for p in board["panels"] if p["type"] == "row"] == ROWS
     assert [r for r in ROWS if not any(p.row == r for p in dash.panels(board))] == []
     ids = [p["id"] for p in board["panels"]]
@@ -60,7 +63,7 @@ def test_every_panel_queries_the_datasource_variable(board: dict[str, Any]) -> N
             continue
         assert panel["type"] == "timeseries"
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-        assert panel["fieldConfig"]["defaults"]["unit"] in {"s", "reqps", "percentunit", "short"}
+        assert panel["fieldConfig"]["defaults"]["unit"] in set(dash._UNIT_LABELS)
         targets = panel["targets"]
         assert targets and any(t["datasource"]["uid"] == "${datasource}" for t in targets), panel["title"]
 
@@ -98,6 +101,131 @@ def test_dashboard_metric_names(board: dict[str, Any]) -> None:
     assert "ray_vllm_time_to_first_token_seconds_bucket" in names
     assert "ray_serve_autoscaling_target_replicas" in names
     assert all(n.startswith(("ray_mistral_serve_", "ray_vllm_", "ray_serve_")) for n in names), names
+
+
+def _app_metrics() -> dict[str, tuple[str, set[str]]]:
+    """The metrics serve_app/serving/telemetry.py defines, by the names Prometheus scrapes:
+    `ray_` before each name, `_total` after a counter's, `_bucket`/`_sum`/`_count` after a
+    histogram's; each with its kind and label names (tag_keys)."""
+    tree = ast.parse(Path(telemetry.__file__).read_text())
+    tuples: dict[str, set[str]] = {}  # names bound to a tuple of label names (by_model = ("model",))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    keys = {ast.literal_eval(e) for e in node.value.elts}
+                    assert tuples.setdefault(target.id, keys) == keys, f"{target.id} bound twice"
+    out: dict[str, tuple[str, set[str]]] = {}
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "metrics"
+        ):
+            continue
+        kind, name = node.func.attr, ast.literal_eval(node.args[0])
+        tag_keys = next(k.value for k in node.keywords if k.arg == "tag_keys")
+        labels = tuples[tag_keys.id] if isinstance(tag_keys, ast.Name) else set(ast.literal_eval(tag_keys))
+        suffixes = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"]}[kind]
+        for suffix in suffixes:
+            out[f"ray_{name}{suffix}"] = (kind, labels | ({"le"} if suffix == "_bucket" else set()))
+    return out
+
+
+def test_app_metrics_reads_telemetry() -> None:
+    metrics = _app_metrics()
+    assert metrics["ray_mistral_serve_requests_total"] == ("Counter", {"model", "route", "status"})
+    assert metrics["ray_mistral_serve_queue_wait_seconds_bucket"] == ("Histogram", {"model", "le"})
+    assert metrics["ray_mistral_serve_engine_running_requests"] == ("Gauge", {"model", "replica"})
+    assert metrics["ray_mistral_serve_model_awake"] == ("Gauge", {"model", "replica"})
+    assert metrics["ray_mistral_serve_model_sleeps_total"] == ("Counter", {"model", "reason"})
+    assert "ray_mistral_serve_model_wake_seconds_count" in metrics
+    assert "ray_mistral_serve_model_awake_total" not in metrics
+
+
+def _labels(expr: str) -> set[str]:
+    """Label names an expression groups by or matches on."""
+    text = dash._STRING.sub('""', expr)
+    grouped = {
+        label.strip()
+        for m in dash._GROUPING.finditer(text)
+        for label in m.group(0)[m.group(0).index("(") + 1 : -1].split(",")
+        if label.strip()
+    }
+    matched = {
+        m.group(1) for m in re.finditer(r"(\w+)\s*(?:=~|!~|!=|=)", " ".join(re.findall(r"\{[^}]*\}", text)))
+    }
+    return grouped | matched
+
+
+def test_our_metrics_on_the_dashboard_are_the_apps(board: dict[str, Any]) -> None:
+    """Every `ray_mistral_serve_*` name the dashboard reads is one telemetry.py defines, with the
+    labels it groups by and filters on; and every metric the app defines has a panel."""
+    metrics = _app_metrics()
+    used = {n for n in dash.dashboard_metric_names(board) if n.startswith("ray_mistral_serve_")}
+    assert sorted(used - set(metrics)) == []
+    for expr in _exprs(board):
+        names = metric_names(expr)
+        if names and all(n in metrics for n in names):
+            known = set().union(*(metrics[n][1] for n in names))
+            assert _labels(expr) <= known, expr
+
+    def base(name: str) -> str:
+        return name if metrics[name][0] == "Gauge" else re.sub(r"_(total|bucket|sum|count)$", "", name)
+
+    assert sorted({base(n) for n in metrics} - {base(n) for n in used}) == []
+
+
+def _row(board: dict[str, Any], row: str) -> dict[str, dash.Panel]:
+    return {p.title: p for p in dash.panels(board) if p.row == row}
+
+
+def test_warm_tier_row(board: dict[str, Any]) -> None:
+    warm = _row(board, "Warm tier")
+    assert list(warm) == [
+        "Replicas awake / asleep",
+        "Wakes per minute",
+        "Wake time",
+        "Sleeps per minute by reason",
+    ]
+
+    awake = warm["Replicas awake / asleep"]
+    assert awake.unit == "short"
+    assert [fmt for _, fmt in awake.targets] == ["{{model}} awake", "{{model}} asleep"]
+    # The gauge is 1 awake, 0 asleep: a sum counts the replicas awake, a sum of 1 - x those asleep.
+    assert [metric_names(expr) for expr, _ in awake.targets] == [{"ray_mistral_serve_model_awake"}] * 2
+    assert [_labels(expr) for expr, _ in awake.targets] == [{"model"}] * 2
+    assert "(1 - ray_mistral_serve_model_awake" in awake.targets[1][0]
+
+    wakes = warm["Wakes per minute"]
+    assert (wakes.unit, [fmt for _, fmt in wakes.targets]) == ("opm", ["{{model}}"])
+    ((expr, _),) = wakes.targets
+    assert expr.startswith("60 * sum by (model) (rate(")
+    assert metric_names(expr) == {"ray_mistral_serve_model_wakes_total"}
+
+    wake_time = warm["Wake time"]
+    assert wake_time.unit == "s"
+    assert [fmt for _, fmt in wake_time.targets] == ["{{model}} p50", "{{model}} p95"]
+    for (expr, _), q in zip(wake_time.targets, ("0.5", "0.95"), strict=True):
+        assert expr.startswith(f"histogram_quantile({q}, sum by (le, model) (rate("), expr
+        assert metric_names(expr) == {"ray_mistral_serve_model_wake_seconds_bucket"}
+
+    sleeps = warm["Sleeps per minute by reason"]
+    assert (sleeps.unit, [fmt for _, fmt in sleeps.targets]) == ("opm", ["{{model}} {{reason}}"])
+    ((expr, _),) = sleeps.targets
+    assert expr.startswith("60 * sum by (model, reason) (rate(")
+    assert metric_names(expr) == {"ray_mistral_serve_model_sleeps_total"}
+
+
+def test_warm_tier_panels_are_laid_out_below_the_rest(board: dict[str, Any]) -> None:
+    top = board["panels"]
+    row = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == "Warm tier")
+    above = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in top[:row])
+    assert top[row]["gridPos"] == {"h": 1, "w": 24, "x": 0, "y": above}
+    cells = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in top[row + 1 :]]
+    assert cells == [(0, above + 1), (8, above + 1), (16, above + 1), (0, above + 9)]
+    assert all(p["gridPos"]["w"] == 8 and p["gridPos"]["h"] == 8 for p in top[row + 1 :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +390,13 @@ def test_render_selected_rows(
     counts = dash.render(url, board, out, 1_700_000_000.0, 1_700_000_300.0, 30.0, rows=["capacity"])
     assert {p.row for p, _ in counts} == {"Capacity"}
     assert out.read_bytes()[:4] == b"\x89PNG"
+    counts = dash.render(url, board, out, 1_700_000_000.0, 1_700_000_300.0, 30.0, rows=["warm tier"])
+    assert [(p.title, n) for p, n in counts] == [
+        ("Replicas awake / asleep", 2),
+        ("Wakes per minute", 1),
+        ("Wake time", 2),
+        ("Sleeps per minute by reason", 1),
+    ]
     with pytest.raises(DashboardError, match="no row named Nope"):
         dash.render(url, board, out, 1_700_000_000.0, 1_700_000_300.0, 30.0, rows=["Nope"])
 

@@ -109,6 +109,8 @@ class ModelServer:
         while True:
             try:
                 gauges.update(self._engine.stats())
+                if self._warm is not None:
+                    self._warm.report()
             except Exception as exc:  # never let metrics stop a replica
                 logger.warning("model %s: cannot read engine stats: %r", self._config.id, exc)
             await asyncio.sleep(GAUGE_PERIOD_S)

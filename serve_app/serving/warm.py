@@ -117,6 +117,12 @@ class WarmTier:
         self._engine_started.set()
         self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
 
+    def report(self) -> None:
+        """Set the awake gauge again (Ray drops a gauge value that is not set within two export
+        periods; the replica calls this every GAUGE_PERIOD_S)."""
+        if self._engine_started.is_set():
+            self._metrics.awake(self.state is State.AWAKE)
+
     @property
     def in_flight(self) -> int:
         return self._in_flight

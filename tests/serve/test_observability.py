@@ -168,11 +168,17 @@ def test_vllm_engine_metrics_reach_ray(traffic: dict[str, Any]) -> None:
     assert _delta(traffic, VLLM_TOKENS, model_name=MODEL) >= traffic["completion_tokens"]
 
 
+WARM_TIER_METRICS = "ray_mistral_serve_model_"
+
+
 def test_dashboard_queries_name_only_exported_metrics(traffic: dict[str, Any]) -> None:
     exported = traffic["after"].names()
     dashboard = load_dashboard(DEFAULT_DASHBOARD)
     used = dashboard_metric_names(dashboard)
     assert used, "the dashboard has no queries"
+    # The warm tier's metrics come only from models that can sleep, which the CPU build of vLLM
+    # cannot (tests/unit/test_dashboard.py holds those names to serve_app/serving/telemetry.py).
+    used = {name for name in used if not name.startswith(WARM_TIER_METRICS)}
     missing = sorted(used - exported)
     assert not missing, f"the dashboard reads metrics the app does not export: {missing}"
 

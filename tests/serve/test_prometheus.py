@@ -281,6 +281,7 @@ def test_docs_pictures(local_app: RunningApp, prometheus: str, observed_url: str
         model_regex="tiny-mistral-v3|tiny-mistral-tekken",
         rate_interval="30s",
     )
-    empty = [panel.name for panel, n in drawn if n == 0]
+    # The demo's CPU models cannot sleep: the warm tier's row stays empty here.
+    empty = [panel.name for panel, n in drawn if n == 0 and not panel.name.startswith("Warm tier")]
     assert not empty or set(empty) <= {"Errors / Server errors (5xx)"}, empty
     _screenshot_serve_page(local_app.dashboard_url, DOCS / "ray-dashboard-serve.png")

@@ -187,3 +187,16 @@ def deploy(models: list[dict[str, Any]]) -> None:
     with SERVE_API_LOCK:
         app = build_openai_app(config)
     serve.run(app, name=APP, route_prefix="/")
+
+
+def timed_chat(url: str, model: str, max_tokens: int) -> tuple[Any, float]:
+    """One whole chat completion of `model` over HTTP, and the seconds its answer took."""
+    import httpx
+
+    start = time.monotonic()
+    answer = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+        timeout=60,
+    )
+    return answer, time.monotonic() - start

@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from serve_app.tools.load import LoadThread, Result, chat_call, send_one
-from tests.cluster.conftest import APP, ReplicaTrace, deploy, wait_for
+from tests.cluster.conftest import APP, ReplicaTrace, deploy, timed_chat, wait_for
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("gpu_cluster")
@@ -186,13 +185,7 @@ def test_request_waiting_past_its_bound_gets_503_with_retry_after(url: str) -> N
             )
         ]
     )
-    start = time.monotonic()
-    resp = httpx.post(
-        f"{url}/v1/chat/completions",
-        json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-        timeout=60,
-    )
-    waited = time.monotonic() - start
+    resp, waited = timed_chat(url, "slow", 2)
     assert resp.status_code == 503
     assert int(resp.headers["retry-after"]) > 0
     assert resp.json()["error"]["code"] == 503

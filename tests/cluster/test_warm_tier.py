@@ -9,11 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import pytest
 
 from serve_app.tools.load import chat_call, send_one
-from tests.cluster.conftest import APP, deploy, wait_for
+from tests.cluster.conftest import APP, ReplicaTrace, deploy, timed_chat, wait_for
 
 pytestmark = pytest.mark.usefixtures("gpu_cluster")
 
@@ -107,16 +106,40 @@ def test_a_model_that_finds_no_room_in_time_gets_503_with_retry_after(url: str) 
             "busy awake",
         )
         time.sleep(0.5)
-        started = time.monotonic()
-        answer = httpx.post(
-            f"{url}/v1/chat/completions",
-            json={"model": "late", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
-            timeout=60,
-        )
-        waited = time.monotonic() - started
+        answer, waited = timed_chat(url, "late", 5)
         assert answer.status_code == 503, answer.text
         assert answer.headers.get("retry-after")
         assert "could not wake" in answer.json()["error"]["message"]
         assert waited < 10
         busy = long.result()
     assert busy.status == 200 and busy.done and busy.completion_tokens == 200
+
+
+def test_an_idle_model_sleeps_then_is_removed_and_comes_back(url: str) -> None:
+    model = shared_model("idle", sleep_after_idle_s=1)
+    model["warm_tier"].pop("gpu_group")  # alone on its GPU: no lease
+    model["deployment"] = {
+        "graceful_shutdown_timeout_s": 10,
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "initial_replicas": 1,
+            "downscale_delay_s": 8,
+            "downscale_to_zero_delay_s": 8,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+    }
+    deploy([model])
+    replicas = ReplicaTrace("idle").start()
+    try:
+        first = send_one(url, chat_call("idle", "hi", 5), read_timeout_s=120)
+        assert first.status == 200 and first.done
+        wait_for(lambda: warm_state("idle")["state"] == "asleep", 15, "the idle sleep")
+        asleep_at = time.monotonic()
+        wait_for(lambda: replicas.running() == 0 and replicas.samples[-1][2] == 0, 90, "the removal")
+        assert time.monotonic() - asleep_at > 3  # removed later than it slept
+        again = send_one(url, chat_call("idle", "hi", 5), read_timeout_s=120)  # from zero
+        assert again.status == 200 and again.done
+    finally:
+        replicas.stop()

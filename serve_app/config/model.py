@@ -143,8 +143,9 @@ class WarmTierOptions(StrictModel):
         min_length=1,
         max_length=64,
         pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Models of one group share GPUs: set num_gpus below 1 (e.g. 0.5) so that Ray "
-        "places their replicas on one GPU; the group's lease keeps at most as many awake per GPU as fit.",
+        description="Models with a group may share GPUs: set num_gpus below 1 (e.g. 0.5) so that Ray "
+        "places several replicas on one GPU; a lease per GPU keeps at most as many awake there as their "
+        "gpu_memory_shares fit (leave room for what each asleep engine keeps: a few GiB).",
     )
     gpu_memory_share: float | None = Field(
         None,
@@ -156,8 +157,9 @@ class WarmTierOptions(StrictModel):
     wake_timeout_s: float = Field(
         120.0,
         gt=0,
-        description="Seconds a request waits for its model to wake (room made on the GPU included); "
-        "past it the request gets 503 with Retry-After.",
+        description="Seconds a wake may take to find room on the GPU, and then for the engine to wake; "
+        "past either, the requests that waited get 503 with Retry-After (an engine that did not wake "
+        "is replaced with its replica).",
     )
 
 

@@ -32,6 +32,7 @@ POLL_S = 2.0  # a poll returns after this with no news: the holder's heartbeat
 LOST_AFTER_S = 60.0
 _EPSILON = 1e-9
 
+SETTLE_S = 2 * POLL_S + 1.0  # a new book's wait for the awake replicas' polls (and a retry)
 LEASES_NAME = "GpuLeases"  # the deployment's name
 
 
@@ -53,16 +54,22 @@ class _Holder:
     last_used: float = 0.0  # the holder's last request (wall clock)
     polls: int = 0  # polls waiting now
     seen: float = field(default_factory=time.monotonic)
+    granted: float = 0.0  # time.monotonic() of its last grant
 
 
 class LeaseBook:
     """The awake replicas of one GPU, and who must sleep to make room for whom."""
 
-    def __init__(self, capacity: float = CAPACITY, lost_after_s: float = LOST_AFTER_S) -> None:
+    def __init__(
+        self, capacity: float = CAPACITY, lost_after_s: float = LOST_AFTER_S, settle_s: float = 0.0
+    ) -> None:
+        """`settle_s`: grant nothing for this long after creation, while the holders awake
+        report in (a book that replaces one lost in a restart knows nothing at first)."""
         self.capacity = capacity
         self.lost_after_s = lost_after_s
         self._holders: dict[str, _Holder] = {}
         self._changed = asyncio.Condition()
+        self._settled_at = time.monotonic() + settle_s
 
     def _holder(self, info: HolderInfo) -> _Holder:
         holder = self._holders.get(info.id)
@@ -93,22 +100,29 @@ class LeaseBook:
         if info.share > self.capacity + _EPSILON:
             raise ValueError(f"{info.model} needs {info.share:g} of a GPU that has {self.capacity:g}")
         holder = self._holder(info)
+        # Whoever asks is asleep, whatever a poll said before (it reports a wake as awake).
+        holder.awake = holder.evicting = False
         holder.acquiring = True
         evicted: list[str] = []
         try:
             async with self._changed:
-                while not holder.awake:
+                while True:
+                    if self._holders.get(info.id) is not holder:
+                        raise RuntimeError(f"replica {info.id} left while it asked for room")
                     holder.seen = time.monotonic()
                     self._drop_lost()
-                    self._holders.setdefault(info.id, holder)
-                    if info.share <= self._free() + _EPSILON:
+                    settling = self._settled_at - time.monotonic()
+                    if settling <= 0 and info.share <= self._free() + _EPSILON:
                         holder.awake, holder.evicting = True, False
-                        holder.last_used = time.time()
+                        holder.last_used, holder.granted = time.time(), time.monotonic()
                         self._changed.notify_all()
                         break
-                    evicted += self._evict_for(holder)
-                    with contextlib.suppress(TimeoutError):  # then look again: a holder may be lost
-                        await asyncio.wait_for(self._changed.wait(), timeout=POLL_S)
+                    if settling <= 0:
+                        evicted += self._evict_for(holder)
+                    # Then look again: a holder may be lost, or the book settled.
+                    wait_s = min(POLL_S, settling) if settling > 0 else POLL_S
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), timeout=wait_s)
         finally:
             holder.acquiring = False
         return evicted
@@ -158,20 +172,25 @@ class LeaseBook:
         async with self._changed:
             holder = self._holder(info)
             holder.last_used = max(holder.last_used, last_used)
-            if not holder.acquiring:
-                if (
-                    awake
-                    and not holder.awake
-                    and not holder.evicting
-                    and self._free() < holder.info.share - _EPSILON
-                ):
-                    # Awake where the book has no room for it (the book restarted, or took it
-                    # for lost): it must sleep.
+            if not holder.acquiring and awake and not holder.awake:
+                # Awake where the book did not know it (the book restarted, or took it for
+                # lost): count it, and where the GPU has no room for it, it must sleep.
+                if self._free() < holder.info.share - _EPSILON:
                     logger.warning(
                         "GPU lease: %s (replica %s) is awake beyond the GPU's room", info.model, info.id
                     )
                     holder.evicting = True
-                holder.awake = awake
+                holder.awake = True
+            elif (
+                not holder.acquiring
+                and not awake
+                and holder.awake
+                and time.monotonic() - holder.granted > 2 * POLL_S
+            ):
+                # Asleep where the book counts it awake (a grant its holder gave up on): free the
+                # share (a grant newer than this poll could know of stays).
+                holder.awake = holder.evicting = False
+                self._changed.notify_all()
             holder.polls += 1
             try:
                 with contextlib.suppress(TimeoutError):  # asleep, it waits as long: a heartbeat
@@ -225,7 +244,8 @@ class GpuLeases:
 
     def _book(self, key: str) -> LeaseBook:
         if key not in self._books:
-            self._books[key] = LeaseBook()
+            # A new book may replace one lost in a restart: the replicas awake report in first.
+            self._books[key] = LeaseBook(settle_s=SETTLE_S)
         return self._books[key]
 
     async def acquire(self, key: str, info: HolderInfo) -> list[str]:
@@ -254,7 +274,12 @@ class ServeLease:
         self.info = info
 
     async def acquire(self) -> None:
-        await self._handle.acquire.remote(self.key, self.info)
+        response = self._handle.acquire.remote(self.key, self.info)
+        try:
+            await response
+        except asyncio.CancelledError:
+            response.cancel()  # Serve does not cancel a call its caller gave up on
+            raise
 
     async def release(self) -> None:
         await self._handle.release.remote(self.key, self.info)
@@ -266,11 +291,12 @@ class ServeLease:
         await self._handle.leave.remote(self.key, self.info.id)
 
 
-def gpu_key(group: str) -> str:
-    """The lease book of this process's GPU in `group`: the node, and the GPU Ray gave the
-    replica (on a machine without GPUs, one logical GPU per node)."""
+def gpu_key() -> str:
+    """The lease book of this process's GPU: the node, and the GPU Ray gave the replica (on a
+    machine without GPUs, one logical GPU per node). Not the group: models of two groups that
+    Ray places on one GPU share its memory all the same."""
     import ray
 
     node = ray.get_runtime_context().get_node_id()
     gpus = ",".join(str(g) for g in ray.get_gpu_ids()) or "logical"
-    return f"{group}/{node}/{gpus}"
+    return f"{node}/{gpus}"

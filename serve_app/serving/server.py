@@ -98,7 +98,7 @@ class ModelServer:
         lease = None
         if options.gpu_group is not None and leases is not None:
             holder = HolderInfo(replica, self._config.id, self._config.gpu_memory_share)
-            lease = ServeLease(leases, gpu_key(options.gpu_group), holder)
+            lease = ServeLease(leases, gpu_key(), holder)
         return WarmTier(
             self._config.id, self._engine, options, lease, WarmTierMetrics(self._config.id, replica)
         )
@@ -176,6 +176,8 @@ class ModelServer:
         return {"state": self._warm.state.value, "wakes": self._warm.wakes, "sleeps": dict(self._warm.sleeps)}
 
     async def check_health(self) -> None:
+        if self._warm is not None and self._warm.fatal:
+            raise RuntimeError(self._warm.fatal)  # Serve replaces the replica
         await self._engine.check_health()
 
     async def __del__(self) -> None:
@@ -183,9 +185,10 @@ class ModelServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._engine.shutdown()
+        # Only now is the engine's memory free: give its share of the GPU back.
         if (warm := getattr(self, "_warm", None)) is not None:
             await warm.close()
-        await self._engine.shutdown()
         if (reaper := getattr(self, "_reaper", None)) is not None:
             reaper.terminate()
 

@@ -22,7 +22,8 @@ import contextlib
 import enum
 import logging
 import time
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from serve_app.config import WarmTierOptions
 from serve_app.engine.protocol import Engine
@@ -87,6 +88,7 @@ class WarmTier:
         self._idle.set()
         self._last_used = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self.fatal: str | None = None  # the engine failed to sleep or wake: replace the replica
         self._engine_started = asyncio.Event()  # a request to sleep waits for the engine's start
         self.wakes = 0
         self.sleeps = {"idle": 0, "forced": 0}
@@ -109,13 +111,19 @@ class WarmTier:
                     self.model_id,
                     time.monotonic() - started,
                 )
-        self._tasks.append(asyncio.create_task(self._sleep_when_asked()))
+        self._spawn(self._sleep_when_asked())
 
     def run(self) -> None:
         """The engine has started: watch for idleness, and sleep when asked (with a lease)."""
         self._metrics.awake(True)
+        self._last_used = time.time()  # idle from now, not from before the engine's start
         self._engine_started.set()
-        self._tasks.append(asyncio.create_task(self._sleep_when_idle()))
+        self._spawn(self._sleep_when_idle())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background until it ends or `close` cancels it."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.create_task(work))
 
     def report(self) -> None:
         """Set the awake gauge again (Ray drops a gauge value that is not set within two export
@@ -130,6 +138,8 @@ class WarmTier:
     async def enter(self) -> None:
         """Wait until the engine is awake (waking it if it sleeps); then count one request in."""
         while self.state is not State.AWAKE or self._draining:
+            if self.fatal:
+                raise WakeFailed(self.fatal.split(":")[0])
             task = self._transition
             if task is None or task.done():
                 task = self._transition = asyncio.ensure_future(self._wake())
@@ -164,14 +174,15 @@ class WarmTier:
                     "there are still serving"
                 ) from None
         try:
-            await self._engine.wake_up()
+            await asyncio.wait_for(self._engine.wake_up(), timeout=self._options.wake_timeout_s)
         except Exception as exc:
-            logger.error("model %s: the engine failed to wake: %r", self.model_id, exc)
-            if self._lease is not None:
-                with contextlib.suppress(Exception):
-                    await self._lease.release()
-            raise WakeFailed(f"the engine failed to wake: {type(exc).__name__}") from exc
+            # Its memory may be partly back: keep the share, and let the replica be replaced.
+            why = "did not wake in time" if isinstance(exc, TimeoutError) else f"failed to wake: {exc!r}"
+            self.fatal = f"the engine {why}"
+            logger.error("model %s: %s; the replica will be replaced", self.model_id, self.fatal)
+            raise WakeFailed(f"the engine {why.split(':')[0]}") from exc
         self.state = State.AWAKE
+        self._last_used = time.time()  # the requests that waited have yet to enter
         self.wakes += 1
         seconds = time.monotonic() - started
         self._metrics.woke(seconds)
@@ -186,9 +197,9 @@ class WarmTier:
                 break
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
-        if self.state is not State.AWAKE:
-            if forced and self._lease is not None:
-                await self._release()  # the book may think it awake
+        if self.state is not State.AWAKE or self.fatal:
+            if forced and self._lease is not None and not self.fatal:
+                self._spawn(self._release())  # the book may think it awake
             return
         task = self._transition = asyncio.ensure_future(self._sleep(forced))
         await asyncio.shield(task)
@@ -200,8 +211,9 @@ class WarmTier:
             started = time.monotonic()
             try:
                 await self._engine.sleep()
-            except Exception as exc:
-                logger.error("model %s: the engine failed to sleep; it stays awake: %r", self.model_id, exc)
+            except Exception as exc:  # in what state the engine is, nobody knows
+                self.fatal = f"the engine failed to sleep: {exc!r}"
+                logger.error("model %s: %s; the replica will be replaced", self.model_id, self.fatal)
                 return
             self.state = State.ASLEEP
         finally:
@@ -211,7 +223,7 @@ class WarmTier:
         self._metrics.slept(forced)
         logger.info("model %s: asleep (%s) in %.2f s", self.model_id, reason, time.monotonic() - started)
         if self._lease is not None:
-            await self._release()
+            self._spawn(self._release())  # the transition ends now, even while the keeper is away
 
     async def _release(self) -> None:
         assert self._lease is not None
@@ -229,7 +241,7 @@ class WarmTier:
         while True:
             await asyncio.sleep(period)
             idle_s = time.time() - self._last_used
-            if self.state is State.AWAKE and self._in_flight == 0 and idle_s >= after:
+            if self.state is State.AWAKE and self._in_flight == 0 and idle_s >= after and not self.fatal:
                 logger.info("model %s: idle for %.0f s; sleeping", self.model_id, idle_s)
                 await self.sleep(forced=False)
 
@@ -253,6 +265,7 @@ class WarmTier:
                 continue
             if sleeping is None or sleeping.done():
                 sleeping = asyncio.create_task(self._sleep_once_started())
+                self._tasks.append(sleeping)
             # The poll answers at once while asked: look again within POLL_S.
             await asyncio.wait({sleeping}, timeout=POLL_S)
 
@@ -261,11 +274,13 @@ class WarmTier:
         await self.sleep(forced=True)
 
     async def close(self) -> None:
-        """Stop watching and give the lease back (the replica stops)."""
-        for task in self._tasks:
+        """Stop watching and give the lease back: the replica stops, and its engine has shut
+        down (its memory is free)."""
+        tasks = [*self._tasks, *([self._transition] if self._transition is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in tasks:
+            with contextlib.suppress(BaseException):
                 await task
         if self._lease is not None:
             with contextlib.suppress(Exception):

@@ -155,6 +155,7 @@ class VLLMEngine(Engine):
         self._core_pids: list[int] = []
         self.patches: list[str] = []  # the fixes of vLLM faults in place (.patches)
         self.asleep = False
+        self._sleep_lock = asyncio.Lock()  # a health probe and a sleep or wake: one at a time
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -167,16 +168,18 @@ class VLLMEngine(Engine):
     async def sleep(self) -> None:
         """vLLM's sleep level 1: weights to host memory, KV cache (and prefix cache) dropped. Its
         scheduler first lets a request in flight (a health probe) finish."""
-        self.asleep = True  # from now on: a health probe would wait for the wake, and fail
-        try:
-            await compat.sleep(self._client, level=1)
-        except BaseException:
-            self.asleep = False
-            raise
+        async with self._sleep_lock:
+            self.asleep = True  # from now on: a health probe would wait for the wake, and fail
+            try:
+                await compat.sleep(self._client, level=1)
+            except BaseException:
+                self.asleep = False
+                raise
 
     async def wake_up(self) -> None:
-        await self._client.wake_up()
-        self.asleep = False  # only now may a health probe generate
+        async with self._sleep_lock:
+            await self._client.wake_up()
+            self.asleep = False  # only now may a health probe generate
 
     async def reset_mm_cache(self) -> None:
         """Forget which images the engine core holds (it dropped them when another client of
@@ -319,7 +322,9 @@ class VLLMEngine(Engine):
             return  # a parked engine generates nothing until woken
         load = self.load()
         if self._stall.needs_probe(load.in_flight > 0, load.last_step):
-            await self.probe()
+            async with self._sleep_lock:
+                if not self.asleep:  # it may have begun to sleep meanwhile
+                    await self.probe()
 
     async def check_alive(self) -> None:
         """vLLM's own check: it raises once the engine core process is gone."""

@@ -160,6 +160,7 @@ class VLLMFrontends(Engine):
         self._poller: asyncio.Task[None] | None = None
         self._probes = 0
         self.asleep = False
+        self._sleep_lock = asyncio.Lock()  # a health probe and a sleep or wake: one at a time
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -173,17 +174,24 @@ class VLLMFrontends(Engine):
         """Sleep the one engine core through one frontend (every frontend is a client of that
         core); the others then drop their cache of what the core has seen of images."""
         first, *others = self._relay.frontends
-        self.asleep = True  # from now on: a health probe would wait for the wake, and fail
-        try:
-            await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
-        except BaseException:
-            self.asleep = False
-            raise
-        await asyncio.gather(*(self._relay.call(f, "reset_mm_cache") for f in others))
+        async with self._sleep_lock:
+            self.asleep = True  # from now on: a health probe would wait for the wake, and fail
+            try:
+                await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
+            except BaseException:
+                self.asleep = False
+                raise
+        resets = await asyncio.gather(
+            *(self._relay.call(f, "reset_mm_cache") for f in others), return_exceptions=True
+        )
+        for error in (r for r in resets if isinstance(r, BaseException)):
+            # The core sleeps all the same; a stale image cache costs a frontend a resend at worst.
+            logger.warning("model %s: a frontend did not reset its image cache: %r", self.config.id, error)
 
     async def wake_up(self) -> None:
-        await self._relay.call(self._relay.frontends[0], "wake_up", timeout_s=SLEEP_TIMEOUT_S)
-        self.asleep = False  # only now may a health probe generate
+        async with self._sleep_lock:
+            await self._relay.call(self._relay.frontends[0], "wake_up", timeout_s=SLEEP_TIMEOUT_S)
+            self.asleep = False  # only now may a health probe generate
 
     async def start(self) -> None:
         check_source(self.config)
@@ -264,7 +272,9 @@ class VLLMFrontends(Engine):
             frontends = self._relay.frontends
             frontend = frontends[self._probes % len(frontends)]
             self._probes += 1
-            await asyncio.wait_for(self._relay.call(frontend, "probe"), timeout=PROBE_TIMEOUT_S + 5)
+            async with self._sleep_lock:
+                if not self.asleep:  # it may have begun to sleep meanwhile
+                    await asyncio.wait_for(self._relay.call(frontend, "probe"), timeout=PROBE_TIMEOUT_S + 5)
 
     def dead(self) -> bool:
         """Whether the engine core or a frontend process has died: the replica is then replaced

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psutil
 import pytest
 
-from serve_app.config import ModelConfig, load_app_config, load_serve_file
+from serve_app.config import ModelConfig, WarmTierOptions, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
 from serve_app.engine.protocol import Engine, EngineStats, Head, Route, Usage
 
@@ -227,21 +227,52 @@ def test_info_and_health(harness: Harness) -> None:
     assert harness.run(_stats(harness.engine)).in_flight == 0
 
 
-def test_a_sleeping_engine_stays_healthy_and_answers_as_before_once_awake(harness: Harness) -> None:
-    """The warm tier's contract (serve_app.serving.warm). vLLM's sleep mode needs a GPU: on the
-    CPU build the vLLM engines say so, and the test is skipped with their reason."""
-    engine = harness.engine
-    if (why := type(engine).sleep_unsupported(engine.config)) is not None:
-        pytest.skip(why)
+def _sleeps_and_wakes(h: Harness) -> None:
+    """The warm tier's contract (serve_app.serving.warm): asleep, the engine stays healthy; awake
+    again, it answers as before."""
     body = {"model": "tiny-mistral-v3", "prompt": "Paris is", "max_tokens": 5, "temperature": 0}
-    before = harness.collect(Route.COMPLETION, body)
-    harness.run(engine.sleep())
-    harness.run(engine.check_health())  # asleep is not ill
-    harness.run(engine.wake_up())
-    after = harness.collect(Route.COMPLETION, body)
+    before = h.collect(Route.COMPLETION, body)
+    h.run(h.engine.sleep())
+    h.run(h.engine.check_health())  # asleep is not ill
+    h.run(h.engine.wake_up())
+    after = h.collect(Route.COMPLETION, body)
     assert isinstance(before[0], Head) and isinstance(after[0], Head) and after[0].status == 200
     choice = json.loads(after[0].body)["choices"][0]
     assert choice["text"] == json.loads(before[0].body)["choices"][0]["text"]
+
+
+def test_a_sleeping_engine_stays_healthy_and_answers_as_before_once_awake(harness: Harness) -> None:
+    if type(harness.engine).__name__ != "FakeEngine":
+        pytest.skip("the vLLM engines here start without sleep mode: test_vllm_engines_sleep_and_wake")
+    _sleeps_and_wakes(harness)
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_vllm_engines_sleep_and_wake(frontends: int) -> None:
+    """Each vLLM engine started with a warm tier, where vLLM has sleep mode (CUDA, ROCm)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_sleep_mode_available():
+        pytest.skip(
+            f"vLLM's sleep mode needs a CUDA or ROCm GPU; this platform is {current_platform.device_type}"
+        )
+    from serve_app.engine import engine_for
+
+    model = _vllm_model().model_copy(
+        update={
+            "frontends": frontends,
+            "num_gpus": 1,
+            "warm_tier": WarmTierOptions(sleep_after_idle_s=60, gpu_memory_share=0.3),
+        }
+    )
+    engine = engine_for(model)(model)
+    h = Harness(engine)
+    h.run(engine.start())
+    try:
+        _sleeps_and_wakes(h)
+    finally:
+        h.run(engine.shutdown())
+        h.loop.close()
 
 
 def test_vllm_bounds_the_images_it_decodes_as_the_replica_does(harness: Harness) -> None:

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +133,35 @@ class StallWatch:
         return False
 
 
+class SleepGuard:
+    """Whether an engine sleeps, and turns between its health probes and its sleeps and wakes:
+    a probe sent into an engine that sleeps, or is going to sleep, would wait for a wake, and fail."""
+
+    def __init__(self) -> None:
+        self.asleep = False
+        self._lock = asyncio.Lock()
+
+    async def sleep(self, put_to_sleep: Callable[[], Awaitable[Any]]) -> None:
+        async with self._lock:
+            self.asleep = True  # from now on, no probe
+            try:
+                await put_to_sleep()
+            except BaseException:
+                self.asleep = False
+                raise
+
+    async def wake_up(self, wake: Callable[[], Awaitable[Any]]) -> None:
+        async with self._lock:
+            await wake()
+            self.asleep = False  # only now may a probe generate
+
+    async def probe(self, probe: Callable[[], Awaitable[Any]]) -> None:
+        """Run `probe` unless the engine sleeps (or began to while the health check ran)."""
+        async with self._lock:
+            if not self.asleep:
+                await probe()
+
+
 class VLLMEngine(Engine):
     """vLLM's `AsyncLLM` with vLLM's OpenAI serving layer on top.
 
@@ -154,8 +183,7 @@ class VLLMEngine(Engine):
         self._request_ids: set[str] = set()  # the ids of the requests running now
         self._core_pids: list[int] = []
         self.patches: list[str] = []  # the fixes of vLLM faults in place (.patches)
-        self.asleep = False
-        self._sleep_lock = asyncio.Lock()  # a health probe and a sleep or wake: one at a time
+        self._sleep = SleepGuard()
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -168,18 +196,14 @@ class VLLMEngine(Engine):
     async def sleep(self) -> None:
         """vLLM's sleep level 1: weights to host memory, KV cache (and prefix cache) dropped. Its
         scheduler first lets a request in flight (a health probe) finish."""
-        async with self._sleep_lock:
-            self.asleep = True  # from now on: a health probe would wait for the wake, and fail
-            try:
-                await compat.sleep(self._client, level=1)
-            except BaseException:
-                self.asleep = False
-                raise
+        await self._sleep.sleep(lambda: compat.sleep(self._client, level=1))
 
     async def wake_up(self) -> None:
-        async with self._sleep_lock:
-            await self._client.wake_up()
-            self.asleep = False  # only now may a health probe generate
+        await self._sleep.wake_up(self._client.wake_up)
+
+    @property
+    def asleep(self) -> bool:
+        return self._sleep.asleep
 
     async def reset_mm_cache(self) -> None:
         """Forget which images the engine core holds (it dropped them when another client of
@@ -322,9 +346,7 @@ class VLLMEngine(Engine):
             return  # a parked engine generates nothing until woken
         load = self.load()
         if self._stall.needs_probe(load.in_flight > 0, load.last_step):
-            async with self._sleep_lock:
-                if not self.asleep:  # it may have begun to sleep meanwhile
-                    await self.probe()
+            await self._sleep.probe(self.probe)
 
     async def check_alive(self) -> None:
         """vLLM's own check: it raises once the engine core process is gone."""

@@ -39,7 +39,7 @@ from serve_app.engine.vllm.args import (
     sleep_unsupported,
     validate_engine_args,
 )
-from serve_app.engine.vllm.engine import PROBE_TIMEOUT_S, Load, StallWatch, alive
+from serve_app.engine.vllm.engine import PROBE_TIMEOUT_S, Load, SleepGuard, StallWatch, alive
 from serve_app.engine.vllm.frontend_process import SPEC_ATTRIBUTE, FrontendSpec, run_frontend
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ class VLLMFrontends(Engine):
         self._stall = StallWatch()
         self._poller: asyncio.Task[None] | None = None
         self._probes = 0
-        self.asleep = False
-        self._sleep_lock = asyncio.Lock()  # a health probe and a sleep or wake: one at a time
+        self._sleep = SleepGuard()
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -174,13 +173,7 @@ class VLLMFrontends(Engine):
         """Sleep the one engine core through one frontend (every frontend is a client of that
         core); the others then drop their cache of what the core has seen of images."""
         first, *others = self._relay.frontends
-        async with self._sleep_lock:
-            self.asleep = True  # from now on: a health probe would wait for the wake, and fail
-            try:
-                await self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S)
-            except BaseException:
-                self.asleep = False
-                raise
+        await self._sleep.sleep(lambda: self._relay.call(first, "sleep", timeout_s=SLEEP_TIMEOUT_S))
         resets = await asyncio.gather(
             *(self._relay.call(f, "reset_mm_cache") for f in others), return_exceptions=True
         )
@@ -189,9 +182,12 @@ class VLLMFrontends(Engine):
             logger.warning("model %s: a frontend did not reset its image cache: %r", self.config.id, error)
 
     async def wake_up(self) -> None:
-        async with self._sleep_lock:
-            await self._relay.call(self._relay.frontends[0], "wake_up", timeout_s=SLEEP_TIMEOUT_S)
-            self.asleep = False  # only now may a health probe generate
+        first = self._relay.frontends[0]
+        await self._sleep.wake_up(lambda: self._relay.call(first, "wake_up", timeout_s=SLEEP_TIMEOUT_S))
+
+    @property
+    def asleep(self) -> bool:
+        return self._sleep.asleep
 
     async def start(self) -> None:
         check_source(self.config)
@@ -272,9 +268,9 @@ class VLLMFrontends(Engine):
             frontends = self._relay.frontends
             frontend = frontends[self._probes % len(frontends)]
             self._probes += 1
-            async with self._sleep_lock:
-                if not self.asleep:  # it may have begun to sleep meanwhile
-                    await asyncio.wait_for(self._relay.call(frontend, "probe"), timeout=PROBE_TIMEOUT_S + 5)
+            await self._sleep.probe(
+                lambda: asyncio.wait_for(self._relay.call(frontend, "probe"), timeout=PROBE_TIMEOUT_S + 5)
+            )
 
     def dead(self) -> bool:
         """Whether the engine core or a frontend process has died: the replica is then replaced

@@ -131,10 +131,6 @@ class WarmTier:
         if self._engine_started.is_set():
             self._metrics.awake(self.state is State.AWAKE)
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     async def enter(self) -> None:
         """Wait until the engine is awake (waking it if it sleeps); then count one request in."""
         while self.state is not State.AWAKE or self._draining:

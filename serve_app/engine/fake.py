@@ -5,7 +5,9 @@ tests): a `Head` first, OpenAI chat/completion bodies and SSE chunks, 400s in Op
 shape for bad bodies, usage counts, and cancellation that frees the request at once. Its
 time to first token and token rate are knobs, and at most `max_num_seqs` requests run at
 once (the rest wait, as in an engine's scheduler), so autoscaling can be tested with many
-replicas on a small machine.
+replicas on a small machine. It keeps a prefix cache as vLLM does (blocks of prompt words,
+least recently used out first): its hits shorten the time to first token by what their
+prefill would take, and show in its stats and, as vLLM's, in `prompt_tokens_details`.
 
 Use it with `engine: fake` in a model config; `engine_args` then takes FakeEngineArgs.
 """
@@ -17,6 +19,7 @@ import heapq
 import itertools
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -40,11 +43,51 @@ class FakeEngineArgs(BaseModel):
     startup_s: float = Field(0.0, ge=0, description="Seconds start() takes (a model load).")
     sleep_s: float = Field(0.0, ge=0, description="Seconds sleep() takes (weights to host memory).")
     wake_s: float = Field(0.0, ge=0, description="Seconds wake_up() takes (weights back).")
+    prefix_block_words: int = Field(16, ge=1, description="Words (tokens) per prefix-cache block.")
+    prefix_cache_blocks: int = Field(4096, ge=0, description="Blocks the prefix cache holds; 0: none.")
+    prefill_s_per_token: float = Field(
+        0.0, ge=0, description="Seconds of time to first token per prompt word not in the prefix cache."
+    )
+    enable_prompt_tokens_details: bool = Field(
+        False, description="Give `usage.prompt_tokens_details.cached_tokens`, as vLLM's server option."
+    )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs",
         description="Which waiting request gets a free slot: the oldest (fcfs), or the one with the "
         "lowest `priority`, then the oldest (priority), as vLLM's scheduling_policy.",
     )
+
+
+class PrefixCache:
+    """Which prompt blocks an engine holds: each block is known by the hash of the prompt up to
+    its end (as vLLM's), so a lookup matches only a common beginning."""
+
+    def __init__(self, block_words: int, blocks: int) -> None:
+        self._block = block_words
+        self._capacity = blocks
+        self._held: OrderedDict[int, None] = OrderedDict()
+        self.queries = 0
+        self.hits = 0
+
+    def lookup(self, words: list[str]) -> int:
+        """The words of `words`' beginning found in the cache; the prompt's blocks are held after."""
+        chain: list[int] = []
+        parent = 0
+        for end in range(self._block, len(words) + 1, self._block):
+            parent = hash((parent, *words[end - self._block : end]))
+            chain.append(parent)
+        found = 0
+        while found < len(chain) and chain[found] in self._held:
+            found += 1
+        for block in chain:
+            self._held[block] = None
+            self._held.move_to_end(block)
+        while len(self._held) > self._capacity:
+            self._held.popitem(last=False)
+        hit = found * self._block
+        self.queries += len(words)
+        self.hits += hit
+        return hit
 
 
 class Slots:
@@ -108,6 +151,7 @@ class FakeEngine(Engine):
         self._running = 0
         self._started = False
         self.asleep = False
+        self._cache = PrefixCache(self.args.prefix_block_words, self.args.prefix_cache_blocks)
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -129,6 +173,8 @@ class FakeEngine(Engine):
             running=self._running,
             waiting=self._in_flight - self._running,
             kv_cache_usage=self._running / self.args.max_num_seqs,
+            prefix_cache_queries=self._cache.queries,
+            prefix_cache_hits=self._cache.hits,
         )
 
     async def check_health(self) -> None:
@@ -152,7 +198,7 @@ class FakeEngine(Engine):
     async def shutdown(self) -> None:
         self._started = False
 
-    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], int, int]:
+    def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], list[str], int]:
         try:
             req = json.loads(body)
         except ValueError as exc:
@@ -171,7 +217,9 @@ class FakeEngine(Engine):
             if not isinstance(prompt, str | list) or not prompt:
                 raise _BadRequest("prompt must be a string or an array", "prompt")
             text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-        prompt_tokens = len(text.split()) + 4
+        # The prompt's tokens: a word each, and four of the chat template around them.
+        words = ["<s>", *text.split(), "[/INST]", "<t>", "<t>"]
+        prompt_tokens = len(words)
         max_tokens = _int_field(req, "max_completion_tokens", None) or _int_field(req, "max_tokens", 16)
         assert max_tokens is not None
         if max_tokens < 1:
@@ -181,7 +229,7 @@ class FakeEngine(Engine):
                 f"max_tokens={max_tokens} cannot be greater than max_model_len={self.args.max_model_len}",
                 "max_tokens",
             )
-        return req, prompt_tokens, max_tokens
+        return req, words, max_tokens
 
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         if not self._started or self.asleep:
@@ -190,7 +238,7 @@ class FakeEngine(Engine):
             yield Head(404, error_body(404, f"the fake engine does not serve the {route.value} API"))
             return
         try:
-            req, prompt_tokens, max_tokens = self._parse(route, body)
+            req, words, max_tokens = self._parse(route, body)
             priority = _int_field(req, "priority", 0) or 0
             check_request(route.value, req, self.limits, self.args.max_model_len)
         except _BadRequest as exc:
@@ -204,7 +252,8 @@ class FakeEngine(Engine):
             await self._slots.acquire(priority)
             self._running += 1
             try:
-                async for item in self._generate(route, req, request_id, prompt_tokens, max_tokens):
+                cached = self._cache.lookup(words)
+                async for item in self._generate(route, req, request_id, len(words), cached, max_tokens):
                     yield item
             finally:
                 self._running -= 1
@@ -213,20 +262,26 @@ class FakeEngine(Engine):
             self._in_flight -= 1
 
     async def _generate(
-        self, route: Route, req: dict[str, Any], request_id: str, prompt_tokens: int, n: int
+        self, route: Route, req: dict[str, Any], request_id: str, prompt_tokens: int, cached: int, n: int
     ) -> AsyncIterator[Head | bytes | Usage]:
         chat = route is Route.CHAT
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         created = int(time.time())
         model = str(req.get("model", self.config.id))
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
+        if self.args.enable_prompt_tokens_details:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         base = {
             "id": rid,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
             "model": model,
         }
-        await asyncio.sleep(self.args.ttft_s)
+        await asyncio.sleep(self.args.ttft_s + self.args.prefill_s_per_token * (prompt_tokens - cached))
         gap = 1.0 / self.args.tokens_per_s
         if not req.get("stream"):
             await asyncio.sleep(gap * (n - 1))

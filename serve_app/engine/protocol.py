@@ -67,6 +67,9 @@ class EngineStats:
     running: int = 0  # requests being generated
     waiting: int = 0  # requests queued inside the engine (no batch slot or KV cache yet)
     kv_cache_usage: float = 0.0  # share of the KV cache in use, 0..1
+    # Prompt tokens the engine looked up in its prefix cache since it started, and found there.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Engine(ABC):

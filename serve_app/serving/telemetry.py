@@ -302,7 +302,9 @@ class _AccessLines(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class EngineGauges:
-    """A model replica's engine load as Ray gauges, labelled by model and replica."""
+    """A model replica's engine load as Ray gauges, and its prefix cache's lookups as counters
+    (prompt tokens looked up, and found: their rates' ratio is the hit rate), labelled by model
+    and replica."""
 
     def __init__(self, model: str, replica: str) -> None:
         from ray.util import metrics
@@ -324,11 +326,28 @@ class EngineGauges:
             description="Share of the engine's KV cache in use, 0 to 1.",
             tag_keys=keys,
         )
+        self._prefix_queries = metrics.Counter(
+            "mistral_serve_prefix_cache_queries",
+            description="Prompt tokens the engine looked up in its prefix cache (vLLM's count).",
+            tag_keys=keys,
+        )
+        self._prefix_hits = metrics.Counter(
+            "mistral_serve_prefix_cache_hits",
+            description="Prompt tokens the engine found in its prefix cache (vLLM's count).",
+            tag_keys=keys,
+        )
+        self._counted = (0, 0)  # the engine's (queries, hits) counted so far
 
     def update(self, stats: EngineStats) -> None:
         self._running.set(stats.running, tags=self._tags)
         self._waiting.set(stats.waiting, tags=self._tags)
         self._kv_cache.set(stats.kv_cache_usage, tags=self._tags)
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        if queries > self._counted[0]:
+            self._prefix_queries.inc(queries - self._counted[0], tags=self._tags)
+        if hits > self._counted[1]:
+            self._prefix_hits.inc(hits - self._counted[1], tags=self._tags)
+        self._counted = (max(queries, self._counted[0]), max(hits, self._counted[1]))
 
 
 WAKE_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300]

@@ -99,17 +99,24 @@ class Load:
     waiting: int
     kv_cache_usage: float
     last_step: float  # time.monotonic() of the last engine step this client heard of
+    prefix_cache_queries: int = 0  # prompt tokens this client heard were looked up in the cache
+    prefix_cache_hits: int = 0  # and found there
 
-    def stats(self, in_flight: int) -> EngineStats:
+    def stats(self, in_flight: int, prefix_cache: tuple[int, int] | None = None) -> EngineStats:
         """The engine's stats for `in_flight` unfinished requests. The scheduler's figures are
         those of its last step; the output processor knows at once when a request finished
-        or was aborted, so it bounds them (an idle engine takes no step to report zero)."""
+        or was aborted, so it bounds them (an idle engine takes no step to report zero).
+        `prefix_cache`: the prefix-cache (queries, hits) when more clients than this one heard
+        of the engine's steps."""
         running = min(self.running, in_flight)
+        queries, hits = prefix_cache or (self.prefix_cache_queries, self.prefix_cache_hits)
         return EngineStats(
             in_flight=in_flight,
             running=running,
             waiting=min(self.waiting, in_flight - running),
             kv_cache_usage=self.kv_cache_usage if in_flight else 0.0,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
 
 
@@ -329,6 +336,8 @@ class VLLMEngine(Engine):
             waiting=snapshot.waiting,
             kv_cache_usage=snapshot.kv_cache_usage,
             last_step=snapshot.last_step,
+            prefix_cache_queries=snapshot.prefix_cache_queries,
+            prefix_cache_hits=snapshot.prefix_cache_hits,
         )
 
     def stats(self) -> EngineStats:

@@ -139,7 +139,12 @@ class FrontendRelay:
 
     def _stats(self, in_flight: int) -> EngineStats:
         load = self.engine_load()
-        return load.stats(in_flight) if load is not None else EngineStats(in_flight=in_flight)
+        if load is None:
+            return EngineStats(in_flight=in_flight)
+        # Each step's prefix-cache counts reached one frontend: their sum is the engine's.
+        loads = [f.load for f in self.frontends if f.load is not None]
+        prefix = (sum(x.prefix_cache_queries for x in loads), sum(x.prefix_cache_hits for x in loads))
+        return load.stats(in_flight, prefix)
 
     @property
     def busy(self) -> bool:

@@ -18,6 +18,8 @@ class SchedulerSnapshot:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache, all steps
+        self.prefix_cache_hits = 0  # and found there
         self.last_step = time.monotonic()  # when the engine last reported a step
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> SchedulerSnapshot:
@@ -37,6 +39,10 @@ class SchedulerSnapshot:
                 getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
             )
             self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+            # Each step's counts: the engine core sends them to one client (frontend) only.
+            if (prefix := getattr(scheduler_stats, "prefix_cache_stats", None)) is not None:
+                self.prefix_cache_queries += int(prefix.queries)
+                self.prefix_cache_hits += int(prefix.hits)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -46,6 +46,8 @@ class Call:
     body: dict[str, Any]
     kind: str = ""  # the caller's label, kept on the result
     leave_after: int | None = None  # close a stream after this many events: a client that leaves
+    keep_text: bool = False  # keep the generated text on the result (a conversation's next turn)
+    headers: tuple[tuple[str, str], ...] = ()  # sent besides Content-Type and Authorization
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Result:
     itl_s: list[float] = field(default_factory=list)  # between chunks with generated text
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache held (if it says)
+    text: str = ""  # the generated text, when the call keeps it
     done: bool = False  # answered whole: a 200 body, or a stream to its [DONE]
     left: bool = False  # the client left mid-stream on purpose (`leave_after`)
     error: str | None = None  # why it failed, for people: "HTTP 503: ...", "error event: ..."
@@ -114,6 +118,21 @@ def _usage(result: Result, usage: Any) -> None:
     if isinstance(usage, dict):
         result.prompt_tokens = usage.get("prompt_tokens")
         result.completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            result.cached_tokens = details["cached_tokens"]
+
+
+def _text(event: dict[str, Any]) -> str:
+    """The generated text of a chunk or whole answer (chat or completion), first choice."""
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    choice = choices[0]
+    for part in (choice.get("delta"), choice.get("message")):
+        if isinstance(part, dict) and isinstance(part.get("content"), str):
+            return str(part["content"])
+    return choice["text"] if isinstance(choice.get("text"), str) else ""
 
 
 def _has_text(event: dict[str, Any]) -> bool:
@@ -168,6 +187,8 @@ async def _read_stream(resp: aiohttp.ClientResponse, call: Call, result: Result,
                 result.error = f"error event: {str(message)[:200]}"
                 return
             _usage(result, payload.get("usage"))
+            if call.keep_text:
+                result.text += _text(payload)
             if _has_text(payload):
                 now = time.perf_counter()
                 if last is None:
@@ -186,6 +207,7 @@ async def send(
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(call.headers)
     sent = time.perf_counter()
     result = Result(start_s=sent - t0, kind=call.kind)
     try:
@@ -200,7 +222,10 @@ async def send(
                 elif result.done and result.completion_tokens is None and _asks_usage(call):
                     result.error = "no usage chunk"
             else:
-                _usage(result, (await resp.json()).get("usage"))
+                answer = await resp.json()
+                _usage(result, answer.get("usage"))
+                if call.keep_text:
+                    result.text = _text(answer)
                 result.done = True
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         result.exception = type(exc).__name__
@@ -387,10 +412,12 @@ class LoadSpec:
     def from_json(cls, text: str) -> LoadSpec:
         raw = json.loads(text)
         prompts = raw.get("prompts")
+        call = raw["call"]
+        headers = tuple((str(name), str(value)) for name, value in call.get("headers", ()))
         return cls(
             **{
                 **raw,
-                "call": Call(**raw["call"]),
+                "call": Call(**{**call, "headers": headers}),
                 "prompts": None if prompts is None else RandomPrompts(**prompts),
             }
         )

@@ -63,6 +63,7 @@ from serve_app.tools.bench.targets import (
     OurApp,
     PlainVllm,
     Target,
+    load_bench_model,
 )
 from serve_app.tools.bench.vllm_cli import vllm_multi_serve_args, vllm_serve_args
 from serve_app.tools.load import (
@@ -491,24 +492,12 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], threads_note: str | N
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from serve_app.config import load_app_config, load_serve_file
-    from serve_app.serving.builder import resolve_model
-
-    serve_file = load_serve_file(args.config)
-    config = load_app_config(
-        serve_file.args, source=f"{args.config} (application '{serve_file.app_name}' args)"
-    )
-    chosen = config.find(args.model) if args.model else config.models[0]
-    if chosen is None:
-        names = ", ".join(m.id for m in config.models)
-        raise BenchError(f"{args.config}: no model named {args.model!r} (models: {names})")
-    if chosen.engine != "vllm" and any(name in PLAIN_VLLM for name in args.targets):
-        raise BenchError(f"{chosen.id}: engine '{chosen.engine}' cannot be served by plain vLLM")
-    if config.auth.configured and not args.api_key:
+    only, model = load_bench_model(args.config, args.model)
+    if model.engine != "vllm" and any(name in PLAIN_VLLM for name in args.targets):
+        raise BenchError(f"{model.id}: engine '{model.engine}' cannot be served by plain vLLM")
+    if only.auth.configured and not args.api_key:
         raise BenchError(f"{args.config}: the config requires API keys; pass one with --api-key")
-    model = resolve_model(chosen)
-    only = config.model_copy(update={"models": (model,)})
-    if config.quotas.enabled and "ours" in args.targets:
+    if only.quotas.enabled and "ours" in args.targets:
         print("note: the config's quotas apply to ours (not to plain vLLM)", flush=True)
     threads_note = _omp_note(model) if "ours" in args.targets else None
     if threads_note:
@@ -544,11 +533,11 @@ def run_bench(args: argparse.Namespace) -> int:
         "env": model.env,
         "vllm_command": _with_port_placeholder(vllm_serve_args(model, 0)),
         "ours": {
-            "ingress": config.ingress.model_dump(mode="json"),
+            "ingress": only.ingress.model_dump(mode="json"),
             "deployment": model.deployment.model_dump(mode="json"),
             "num_cpus": model.num_cpus,
             "num_gpus": model.gpus_per_replica,
-            "quotas": config.quotas.enabled,
+            "quotas": only.quotas.enabled,
             "front": args.front,
             "front_env": front_variables(args.front),
             "frontend_count": model.frontend_count,

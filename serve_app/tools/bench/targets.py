@@ -31,6 +31,22 @@ class BenchError(Exception):
     """A failure worth one line (and maybe a log tail), not a traceback."""
 
 
+def load_bench_model(path: Path, model_id: str | None) -> tuple[AppConfig, ModelConfig]:
+    """The app of the serve config at `path` with one model (`model_id`, else its first), its
+    Mistral-layout arguments filled in; ConfigError or BenchError if there is none."""
+    from serve_app.config import load_app_config, load_serve_file
+    from serve_app.serving.builder import resolve_model
+
+    serve_file = load_serve_file(path)
+    config = load_app_config(serve_file.args, source=f"{path} (application '{serve_file.app_name}' args)")
+    chosen = config.find(model_id) if model_id else config.models[0]
+    if chosen is None:
+        names = ", ".join(m.id for m in config.models)
+        raise BenchError(f"{path}: no model named {model_id!r} (models: {names})")
+    model = resolve_model(chosen)
+    return config.model_copy(update={"models": (model,)}), model
+
+
 class Target(Protocol):
     name: str
 

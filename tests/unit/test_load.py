@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 from typing import Any
@@ -74,6 +75,8 @@ def test_a_spec_fills_a_new_prompt_into_each_call_and_survives_json() -> None:
     call = completion_call("m", [], 4, temperature=0, ignore_eos=True)
     spec = LoadSpec("http://x", call, 2, 8, prompts=RandomPrompts(6, 1000, 2000, seed=1, stream="a"))
     assert LoadSpec.from_json(spec.to_json()) == spec
+    with_headers = replace(spec, call=replace(call, headers=(("X-Session-Id", "s-1"),)))
+    assert LoadSpec.from_json(with_headers.to_json()) == with_headers
     next_call = spec.calls()
     first, second = next_call(), next_call()
     assert first.path == second.path == COMPLETIONS

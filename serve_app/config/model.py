@@ -228,6 +228,13 @@ class ModelConfig(StrictModel):
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Ray Serve options of this model's deployment."
     )
+    routing: Literal["load", "prefix", "session"] = Field(
+        "prefix",
+        description="Which replica takes a request: `prefix` (the replica whose prefix cache holds "
+        "the conversation's beginning, within a load bound), `session` (one replica per "
+        "X-Session-Id header or `user` field) or `load` (the less loaded of two). "
+        "See serve_app/serving/routing.py.",
+    )
     warm_tier: WarmTierOptions | None = Field(
         None,
         description="Sleep instead of removal when idle, and GPU sharing between models (see WarmTierOptions).",

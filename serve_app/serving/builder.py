@@ -55,6 +55,7 @@ def model_card(model: ModelConfig) -> ModelCard:
         max_model_len=int(max_len) if isinstance(max_len, int) else None,
         wait_timeout_s=model.deployment.request_wait_timeout_s,
         priority_scheduling=model.engine_args.get("scheduling_policy") == "priority",
+        routing=model.routing,
     )
 
 

@@ -28,6 +28,7 @@ class ModelCard:
     max_model_len: int | None = None
     wait_timeout_s: float = 300.0  # how long a request may wait for a replica to take it
     priority_scheduling: bool = False  # the engine schedules by request priority
+    routing: str = "load"  # which replica takes a request (serve_app.serving.routing)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentResponseGenerator
 from serve_app.engine.protocol import Head, Route
 from serve_app.errors import ApiError
 from serve_app.serving.catalog import ServedModel, shown
+from serve_app.serving.routing import AFFINITY_KWARG, Affinity
 from serve_app.serving.telemetry import RequestRecord
 from serve_app.serving.warm import WakeFailed
 
@@ -43,15 +44,22 @@ def _wake_failure(exc: BaseException) -> WakeFailed | None:
 
 
 async def dispatch(
-    model: ServedModel, name: str, route: Route, body: bytes, record: RequestRecord
+    model: ServedModel,
+    name: str,
+    route: Route,
+    body: bytes,
+    record: RequestRecord,
+    affinity: Affinity | None = None,
 ) -> tuple[Head, DeploymentResponseGenerator]:
     """Send the request to a replica of `model` (asked for as `name`); its response's `Head`
-    and the stream it comes on (the rest follows on the stream if `head.stream`)."""
+    and the stream it comes on (the rest follows on the stream if `head.stream`). `affinity`
+    is what routes it (serve_app.serving.routing); a retry goes without it, to any replica."""
     request_id = record.request_id
     name = shown(name)
     deadline = time.monotonic() + model.card.wait_timeout_s
     for attempt in range(1, ATTEMPTS + 1):
-        stream = model.stream.remote(route, body, request_id)
+        keyed = {AFFINITY_KWARG: affinity} if affinity is not None and attempt == 1 else {}
+        stream = model.stream.remote(route, body, request_id, **keyed)
         taken = False
         try:
             # The replica's first item says it took the request: only that wait is bounded.

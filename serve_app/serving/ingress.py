@@ -39,6 +39,7 @@ from serve_app.serving.catalog import Catalog, ModelCard
 from serve_app.serving.dispatch import dispatch
 from serve_app.serving.payload import read_payload
 from serve_app.serving.relay import RelayedStream
+from serve_app.serving.routing import affinity_of
 from serve_app.serving.telemetry import RequestRecord, Telemetry
 
 logger = logging.getLogger("ray.serve")
@@ -130,7 +131,8 @@ class OpenAIIngress:
             )
             self._telemetry.routed(record, model.card.id, body)
             record.stream = payload.get("stream") is True
-            head, stream = await dispatch(model, name, route, body, record)
+            affinity = affinity_of(model.card.routing, payload, request.headers)
+            head, stream = await dispatch(model, name, route, body, record, affinity)
         except ApiError as error:
             if error.status == 429:
                 record.error = "quota"
@@ -286,7 +288,7 @@ def openai_app(
             CORSMiddleware,
             allow_origins=list(cors_allow_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Session-Id"],
             allow_credentials=False,
         )
     for method, path, name in ROUTES:

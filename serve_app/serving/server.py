@@ -16,6 +16,7 @@ from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Rout
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.reaper import start_reaper
+from serve_app.serving.routing import Affinity, router_config
 from serve_app.serving.streams import coalesce
 from serve_app.serving.telemetry import GAUGE_PERIOD_S, EngineGauges, WarmTierMetrics
 from serve_app.serving.warm import WarmTier
@@ -116,10 +117,12 @@ class ModelServer:
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def generate(
-        self, route: Route, body: bytes, request_id: str
+        self, route: Route, body: bytes, request_id: str, affinity: Affinity | None = None
     ) -> AsyncIterator[Head | bytes | Usage | None]:
         """Stream one request's response: `None` as soon as this replica has taken the request
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams.
+        `affinity` is what routed the request here (serve_app.serving.routing), for the
+        router only.
 
         A replica whose engine is already dead does not take the request: it ends, and the
         ingress tries another replica (it retries only requests that no replica took). One
@@ -220,6 +223,8 @@ class ModelServer:
                 "runtime_env": {"env_vars": env},
             },
         }
+        if (router := router_config(config.routing)) is not None:
+            options["request_router_config"] = router
         if gpus > 0:
             # One bundle holding all of a replica's GPUs (tensor x pipeline parallel), so Ray
             # places each replica whole on one node and spreads replicas over GPU nodes; a

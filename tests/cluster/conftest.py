@@ -176,14 +176,14 @@ def url(gpu_cluster: None) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(models: list[dict[str, Any]]) -> None:
+def deploy(models: list[dict[str, Any]], ingress: dict[str, Any] | None = None) -> None:
     """Run the app with these models (replacing the one before) and wait until it is ready."""
     from ray import serve
 
     from serve_app.config import load_app_config
     from serve_app.serving.builder import build_openai_app
 
-    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1}})
+    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1, **(ingress or {})}})
     with SERVE_API_LOCK:
         app = build_openai_app(config)
     serve.run(app, name=APP, route_prefix="/")

@@ -86,12 +86,13 @@ class LocalHandle:
     def __init__(self, target: Any, method: str = "__call__", stream: bool = False) -> None:
         self._target, self._method, self._stream = target, method, stream
         self.calls: list[tuple[Any, ...]] = []  # the arguments of each streamed call (generate)
+        self.keywords: list[dict[str, Any]] = []  # and its keyword arguments
 
     def options(self, *, method_name: str | None = None, stream: bool | None = None, **_: Any) -> LocalHandle:
         handle = LocalHandle(
             self._target, method_name or self._method, self._stream if stream is None else stream
         )
-        handle.calls = self.calls
+        handle.calls, handle.keywords = self.calls, self.keywords
         return handle
 
     def __getattr__(self, name: str) -> LocalHandle:  # handle.model_info.remote()
@@ -99,10 +100,11 @@ class LocalHandle:
             raise AttributeError(name)
         return self.options(method_name=name)
 
-    def remote(self, *args: Any) -> LocalStream | LocalResponse:
+    def remote(self, *args: Any, **kwargs: Any) -> LocalStream | LocalResponse:
         if self._stream:  # requests to the model (generate), for tests to read
             self.calls.append(args)
-        result = getattr(self._target, self._method)(*args)
+            self.keywords.append(kwargs)
+        result = getattr(self._target, self._method)(*args, **kwargs)
         return LocalStream(result) if self._stream else LocalResponse(result)
 
 
@@ -115,10 +117,10 @@ class FailingReplicas:
         self.server = server
         self.failures = failures
 
-    def generate(self, *args: Any) -> AsyncIterator[Any]:
+    def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         failure = self.failures.pop(0) if self.failures else None
         if failure is None:
-            return self.server.generate(*args)
+            return self.server.generate(*args, **kwargs)
         return _failing(failure)
 
     def __getattr__(self, name: str) -> Any:

@@ -213,7 +213,7 @@ class _AcceptsThenDies:
     def __init__(self, server: ModelServer) -> None:
         self.server = server
 
-    async def generate(self, *args: Any) -> AsyncIterator[Any]:
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         yield None
         raise RayActorError()
 

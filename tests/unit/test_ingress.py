@@ -17,6 +17,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.guards.auth import hash_key
+from serve_app.serving.routing import prefix_affinity
 from serve_app.serving.server import ModelServer
 from tests.support.expected import model_not_found
 from tests.support.inprocess import CHAT, HI, FailingReplicas, InProcessApp, chat, config, fake, serve, sse
@@ -298,6 +299,10 @@ def test_a_request_that_fails_before_its_first_byte_is_tried_once_more(
             failed.json()["error"]["message"] == "The model `small` could not serve the request; retry later."
         )
         assert len(app.handles["small"].calls) == 4  # 2 + 2: the first try and one retry each
+        # The first try goes where the conversation's affinity says; the retry to any replica.
+        affinity = prefix_affinity(chat())
+        assert affinity is not None and affinity.opening
+        assert app.handles["small"].keywords == [{"affinity": affinity}, {}, {"affinity": affinity}, {}]
 
     serve(config(), scenario, wrap=flaky)
     logged = access_log
@@ -334,7 +339,7 @@ class _BreaksMidStream:
     def __init__(self, server: ModelServer) -> None:
         self.server = server
 
-    async def generate(self, *args: Any) -> Any:
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
         sent = 0
         async for item in self.server.generate(*args):
             if isinstance(item, bytes):

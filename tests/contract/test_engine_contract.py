@@ -227,6 +227,24 @@ def test_info_and_health(harness: Harness) -> None:
     assert harness.run(_stats(harness.engine)).in_flight == 0
 
 
+def test_the_engine_counts_what_its_prefix_cache_held(harness: Harness) -> None:
+    """The counts behind the prefix-cache hit rate (serve_app.serving.routing): a prompt sent
+    twice is looked up twice, and found the second time (whole blocks of it)."""
+    body = {"model": "tiny-mistral-v3", "prompt": "river stone " * 200, "max_tokens": 1}
+    before = harness.run(_stats(harness.engine))
+    for _ in range(2):
+        assert harness.collect(Route.COMPLETION, body)[0].status == 200  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10  # with frontends, their figures come within a second
+    while True:
+        after = harness.run(_stats(harness.engine))
+        queries = after.prefix_cache_queries - before.prefix_cache_queries
+        hits = after.prefix_cache_hits - before.prefix_cache_hits
+        if (queries >= 2 * 400 and hits >= 128) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert queries >= 2 * 400 and 128 <= hits <= queries // 2, (queries, hits)
+
+
 def _sleeps_and_wakes(h: Harness) -> None:
     """The warm tier's contract (serve_app.serving.warm): asleep, the engine stays healthy; awake
     again, it answers as before."""

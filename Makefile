@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
 
-.PHONY: install models run check test lint unit clean tools docs-pictures bench soak
+.PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns soak
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -50,6 +50,11 @@ run: install models
 
 bench: install models
 	$(PY) -m serve_app.tools.bench $(BENCH_ARGS)
+
+# The multi-turn benchmark of cache-aware routing against load-only routing (docs/benchmarks.md).
+TURNS_CONFIG ?= configs/bench-cpu-turns.yaml
+bench-turns: install models
+	$(PY) -m serve_app.tools.bench.turns $(TURNS_CONFIG) $(BENCH_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)

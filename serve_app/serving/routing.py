@@ -35,11 +35,10 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-Routing = Literal["load", "prefix", "session"]
 ROUTINGS: tuple[str, ...] = ("load", "prefix", "session")
 
 AFFINITY_KWARG = "affinity"  # the handle call's keyword that carries the key

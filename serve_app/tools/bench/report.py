@@ -28,7 +28,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds, to 0.01 ms; None stays None."""
     return None if seconds is None else round(seconds * 1000, 2)
 
 
@@ -48,10 +49,10 @@ def summarize(results: Sequence[Result], wall_s: float, concurrency: int) -> dic
         "output_tokens": tokens,
         "output_tok_s": round(tokens / wall_s, 2) if wall_s > 0 else 0.0,
         "requests_s": round(len(ok) / wall_s, 3) if wall_s > 0 else 0.0,
-        "ttft_p50_ms": _ms(percentile(ttft, 50)),
-        "ttft_p95_ms": _ms(percentile(ttft, 95)),
-        "itl_p50_ms": _ms(percentile(itl, 50)),
-        "itl_p99_ms": _ms(percentile(itl, 99)),
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p95_ms": ms(percentile(ttft, 95)),
+        "itl_p50_ms": ms(percentile(itl, 50)),
+        "itl_p99_ms": ms(percentile(itl, 99)),
         "prompt_tokens": sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None}),
     }
 

@@ -45,7 +45,7 @@ from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.serving.routing import SESSION_HEADER
 from serve_app.tools.bench.driver import machine
-from serve_app.tools.bench.report import percentile
+from serve_app.tools.bench.report import ms, percentile, summarize
 from serve_app.tools.bench.targets import APP, BenchError, OurApp, load_bench_model
 from serve_app.tools.load import CHAT, Call, Result, closed_loop, send
 
@@ -219,17 +219,17 @@ def settled(
 # --- figures -------------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 1)
-
-
 def _hit_rate(results: Sequence[Result]) -> float | None:
     counted = [r for r in results if r.complete and r.prompt_tokens and r.cached_tokens is not None]
     prompt = sum(r.prompt_tokens or 0 for r in counted)
     return round(sum(r.cached_tokens or 0 for r in counted) / prompt, 4) if prompt else None
 
 
-def figures(results: Sequence[Result], wall_s: float, counts: dict[str, Any], turns: int) -> dict[str, Any]:
+def figures(
+    results: Sequence[Result], wall_s: float, concurrency: int, counts: dict[str, Any], turns: int
+) -> dict[str, Any]:
+    """The bench's usual figures of a load (report.summarize), and the routing's: hit rates,
+    TTFT per turn, and the requests each replica took."""
     ok = [r for r in results if r.complete]
     by_turn: dict[str, list[float]] = {}
     for r in ok:
@@ -238,20 +238,17 @@ def figures(results: Sequence[Result], wall_s: float, counts: dict[str, Any], tu
     later = [t for kind, values in by_turn.items() if int(kind) >= 2 for t in values]
     per_replica = {r: int(v) for r, v in sorted(counts["requests"].items()) if v}
     queries, hits = sum(counts["queries"].values()), sum(counts["hits"].values())
+    summary = summarize(results, wall_s, concurrency)
+    del summary["prompt_tokens"]  # every turn's prompt is longer: the mean says more
     return {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
-        "first_errors": sorted({r.error or "incomplete" for r in results if not r.complete})[:3],
-        "output_tok_s": round(sum(r.completion_tokens or 0 for r in ok) / wall_s, 1) if wall_s else None,
-        "wall_s": round(wall_s, 1),
+        **summary,
         "prompt_tokens_mean": round(sum(r.prompt_tokens or 0 for r in ok) / len(ok), 1) if ok else None,
         "hit_rate": _hit_rate(ok),
         "hit_rate_by_turn": {t: _hit_rate([r for r in ok if r.kind == str(t)]) for t in range(1, turns + 1)},
         "hit_rate_engines": round(hits / queries, 4) if queries else None,
-        "ttft_p50_ms_by_turn": {t: _ms(percentile(by_turn.get(str(t), []), 50)) for t in range(1, turns + 1)},
-        "ttft_p50_ms_turns_2_on": _ms(percentile(later, 50)),
-        "ttft_p95_ms_turns_2_on": _ms(percentile(later, 95)),
-        "ttft_p50_ms": _ms(percentile([t for v in by_turn.values() for t in v], 50)),
+        "ttft_p50_ms_by_turn": {t: ms(percentile(by_turn.get(str(t), []), 50)) for t in range(1, turns + 1)},
+        "ttft_p50_ms_turns_2_on": ms(percentile(later, 50)),
+        "ttft_p95_ms_turns_2_on": ms(percentile(later, 95)),
         "requests_per_replica": per_replica,
         "max_min_per_replica": round(max(per_replica.values()) / min(per_replica.values()), 3)
         if len(per_replica) > 1
@@ -317,23 +314,28 @@ def run_routing(
             args.output_tokens,
             args.seed,
         )
-        loads: dict[str, Callable[[], tuple[list[Result], float]]] = {
-            "turns": lambda: asyncio.run(conversations(url, shape)),
-            "single": lambda: single_turn(
-                url,
-                model.id,
-                args.single_requests,
+        # phase -> (its load, its streams, its turns)
+        loads: dict[str, tuple[Callable[[], tuple[list[Result], float]], int, int]] = {
+            "turns": (lambda: asyncio.run(conversations(url, shape)), args.concurrency, args.turns),
+            "single": (
+                lambda: single_turn(
+                    url,
+                    model.id,
+                    args.single_requests,
+                    args.single_concurrency,
+                    args.single_words,
+                    args.single_output_tokens,
+                    args.seed,
+                ),
                 args.single_concurrency,
-                args.single_words,
-                args.single_output_tokens,
-                args.seed,
+                1,
             ),
         }
-        for phase, load in loads.items():
+        for phase, (load, streams, turns) in loads.items():
             before = _scrape(model)
             results, wall = load()
             counts = settled(model, len(results), before)
-            record[phase] = figures(results, wall, counts, args.turns if phase == "turns" else 1)
+            record[phase] = figures(results, wall, streams, counts, turns)
             print(_line(routing, phase, record[phase]), flush=True)
         return record
     finally:

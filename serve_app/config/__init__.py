@@ -23,11 +23,20 @@ from serve_app.config.files import (
     load_serve_file,
     read_yaml,
 )
-from serve_app.config.guards import AuthOptions, KeyQuota, QuotaLimits, QuotaOptions, RequestLimits
+from serve_app.config.guards import (
+    AuthOptions,
+    KeyQuota,
+    KeySources,
+    QuotaLimits,
+    QuotaOptions,
+    RequestLimits,
+)
 from serve_app.config.model import (
     DEFAULT_MAX_NUM_SEQS,
+    AdapterConfig,
     AutoscalingOptions,
     DeploymentOptions,
+    LoraOptions,
     MediaOptions,
     ModelConfig,
     WarmTierOptions,
@@ -36,6 +45,7 @@ from serve_app.config.model import (
 __all__ = [
     "BUILDER_IMPORT_PATH",
     "DEFAULT_MAX_NUM_SEQS",
+    "AdapterConfig",
     "AppConfig",
     "AuthOptions",
     "AutoscalingOptions",
@@ -43,6 +53,8 @@ __all__ = [
     "DeploymentOptions",
     "IngressOptions",
     "KeyQuota",
+    "KeySources",
+    "LoraOptions",
     "MediaOptions",
     "ModelConfig",
     "ObservabilityOptions",

@@ -53,7 +53,7 @@ class AppConfig(StrictModel):
         seen: dict[str, str] = {}
         deployments: dict[str, str] = {}
         for model in self.models:
-            for name in model.names:
+            for name in (*model.names, *model.adapter_names):
                 if name in seen:
                     raise ValueError(
                         f"model name '{name}' is used twice (by '{seen[name]}' and '{model.id}')"

@@ -10,8 +10,8 @@ from pydantic import Field, field_validator
 from serve_app.config.base import StrictModel
 
 
-class AuthOptions(StrictModel):
-    """API keys and cross-origin access."""
+class KeySources(StrictModel):
+    """Where accepted API keys come from: hashes in the config, a variable, a file."""
 
     api_keys: tuple[str, ...] = Field(
         (),
@@ -25,13 +25,6 @@ class AuthOptions(StrictModel):
     api_keys_file: str | None = Field(
         None, description="A file (on the ingress replicas' nodes) holding plain keys, one per line."
     )
-    allow_unauthenticated: bool = Field(
-        False,
-        description="Serve beyond loopback with no key configured (e.g. behind an authenticating gateway).",
-    )
-    cors_allow_origins: tuple[str, ...] = Field(
-        (), description="Origins browsers may call the API from; none (the default) closes CORS."
-    )
 
     @property
     def configured(self) -> bool:
@@ -44,6 +37,30 @@ class AuthOptions(StrictModel):
         for key in value:
             if not re.fullmatch(r"sha256:[0-9a-f]{64}", key):
                 raise ValueError("api_keys holds sha256:<64 hex digits> hashes, not plain keys")
+        return value
+
+
+class AuthOptions(KeySources):
+    """API keys, the admin routes' keys, and cross-origin access."""
+
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve beyond loopback with no key configured (e.g. behind an authenticating gateway).",
+    )
+    cors_allow_origins: tuple[str, ...] = Field(
+        (), description="Origins browsers may call the API from; none (the default) closes CORS."
+    )
+    admin: KeySources | None = Field(
+        None,
+        description="Keys of the admin routes (/v1/load_lora_adapter, /v1/unload_lora_adapter), "
+        "apart from the API keys: the routes answer 404 unless set, and always ask for one of these keys.",
+    )
+
+    @field_validator("admin")
+    @classmethod
+    def _admin_has_keys(cls, value: KeySources | None) -> KeySources | None:
+        if value is not None and not value.configured:
+            raise ValueError("admin: give api_keys, api_keys_env or api_keys_file (or leave admin out)")
         return value
 
 

@@ -163,6 +163,81 @@ class WarmTierOptions(StrictModel):
     )
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig.max_lora_rank
+# What an adapter's name may be: it is a `model` clients send, a metrics label and a log field.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class AdapterConfig(StrictModel):
+    """One LoRA adapter of a model, served under its own name (clients send it as `model`)."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The name clients send as `model`.")
+    source: str = Field(
+        min_length=1,
+        description="A local directory (starting with /, ./, ../ or ~) or a Hugging Face repository id "
+        "holding the adapter in PEFT's format (adapter_config.json and adapter_model.safetensors). "
+        "vLLM does not read Mistral's own LoRA format (mistral-finetune's lora.safetensors).",
+    )
+
+
+class LoraOptions(StrictModel):
+    """LoRA adapters on a model's replicas (vLLM's runtime LoRA loading). An adapter loads into a
+    replica on its first request there; past `max_adapters_per_replica` the replica evicts the
+    least recently used one, and requests for an adapter go to the replicas that hold it
+    (serve_app.serving.adapters)."""
+
+    max_loras: int = Field(
+        1, ge=1, le=256, description="Adapters one batch may mix (vLLM's max_loras: GPU slots)."
+    )
+    max_lora_rank: int = Field(
+        16,
+        description="Largest rank of an adapter (vLLM's max_lora_rank: 1, 8, 16, 32, 64, 128, 256, 320 or "
+        "512); adapters of a larger rank are refused.",
+    )
+    max_adapters_per_replica: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Adapters one replica holds loaded (in host memory, vLLM's max_cpu_loras); past it "
+        "the least recently used is evicted. Default: max_loras.",
+    )
+    source_dirs: tuple[str, ...] = Field(
+        (),
+        description="Directories local adapter sources must lie in, the config's and the admin "
+        "route's (after resolving links and `..`). Empty: local sources of the config only, none at run time.",
+    )
+    check_base_name: bool = Field(
+        True,
+        description="Refuse an adapter whose adapter_config.json names another base model "
+        "(base_model_name_or_path, compared by its last path part with the model's id, aliases and source).",
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(
+                f"vLLM takes a max_lora_rank of {', '.join(map(str, VLLM_LORA_RANKS))}, not {value}"
+            )
+        return value
+
+    @property
+    def adapters_per_replica(self) -> int:
+        return self.max_adapters_per_replica or self.max_loras
+
+    @model_validator(mode="after")
+    def _holds_a_batch(self) -> LoraOptions:
+        if self.adapters_per_replica < self.max_loras:
+            raise ValueError(
+                f"max_adapters_per_replica ({self.adapters_per_replica}) must be at least max_loras ({self.max_loras})"
+            )
+        return self
+
+
+# vLLM's LoRA arguments are set from `lora`; engine_args may not set them too.
+LORA_ENGINE_ARGS = ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")
+
+
 class ModelConfig(StrictModel):
     """One served model: the names clients send, its weights, and how to run it."""
 
@@ -239,6 +314,30 @@ class ModelConfig(StrictModel):
         None,
         description="Sleep instead of removal when idle, and GPU sharing between models (see WarmTierOptions).",
     )
+    adapters: tuple[AdapterConfig, ...] = Field(
+        (), max_length=1024, description="LoRA adapters served on this model, each under its own name."
+    )
+    lora: LoraOptions | None = Field(
+        None,
+        description="LoRA serving: slots, largest rank, adapters per replica, allowed source directories. "
+        "Set by default when `adapters` lists any; set it with no adapters to add them only at run time.",
+    )
+
+    @model_validator(mode="after")
+    def _lora_of_adapters(self) -> ModelConfig:
+        if self.lora_options is not None:
+            taken = [k for k in LORA_ENGINE_ARGS if k in self.engine_args]
+            if taken:
+                raise ValueError(
+                    f"engine_args.{taken[0]}: set by `lora` (max_loras, max_lora_rank, max_adapters_per_replica)"
+                )
+        names = [a.name for a in self.adapters]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"adapters: the name '{name}' is used twice")
+            if name in self.names:
+                raise ValueError(f"adapters: '{name}' is also the model's own name")
+        return self
 
     @model_validator(mode="after")
     def _frontends_of_vllm(self) -> ModelConfig:
@@ -289,6 +388,18 @@ class ModelConfig(StrictModel):
     def names(self) -> tuple[str, ...]:
         """Every name that routes to this model, its id first."""
         return (self.id, *self.aliases)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    @property
+    def lora_options(self) -> LoraOptions | None:
+        """The model's LoRA options: `lora`, or its defaults where only `adapters` is set; None
+        when the model serves no adapter."""
+        if self.lora is None and self.adapters:
+            return LoraOptions()
+        return self.lora
 
     @property
     def deployment_name(self) -> str:

@@ -5,7 +5,9 @@ tests): a `Head` first, OpenAI chat/completion bodies and SSE chunks, 400s in Op
 shape for bad bodies, usage counts, and cancellation that frees the request at once. Its
 time to first token and token rate are knobs, and at most `max_num_seqs` requests run at
 once (the rest wait, as in an engine's scheduler), so autoscaling can be tested with many
-replicas on a small machine. It keeps a prefix cache as vLLM does (blocks of prompt words,
+replicas on a small machine. It serves LoRA adapters as the vLLM engine does (a PEFT directory,
+checked, named by the requests that use it; each adapter's answers are its own: "NAME-tok0 ...").
+It keeps a prefix cache as vLLM does (blocks of prompt words,
 least recently used out first): its hits shorten the time to first token by what their
 prefill would take, and show in its stats and, as vLLM's, in `prompt_tokens_details`.
 
@@ -26,8 +28,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.config import ConfigError, ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
+from serve_app.engine.protocol import AdapterRef, Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.errors import error_body
+from serve_app.guards.adapters import AdapterError, inspect_adapter, is_local
 from serve_app.guards.limits import InputError, check_request
 
 
@@ -51,6 +54,7 @@ class FakeEngineArgs(BaseModel):
     enable_prompt_tokens_details: bool = Field(
         False, description="Give `usage.prompt_tokens_details.cached_tokens`, as vLLM's server option."
     )
+    adapter_load_s: float = Field(0.0, ge=0, description="Seconds add_adapter() takes (a LoRA load).")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         "fcfs",
         description="Which waiting request gets a free slot: the oldest (fcfs), or the one with the "
@@ -126,9 +130,10 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 def _int_field(body: dict[str, Any], name: str, default: int | None) -> int | None:
@@ -152,6 +157,7 @@ class FakeEngine(Engine):
         self._started = False
         self.asleep = False
         self._cache = PrefixCache(self.args.prefix_block_words, self.args.prefix_cache_blocks)
+        self.adapters: dict[str, AdapterRef] = {}  # loaded, by name
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -198,6 +204,22 @@ class FakeEngine(Engine):
     async def shutdown(self) -> None:
         self._started = False
 
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        lora = self.config.lora_options
+        if lora is None:
+            raise AdapterError(
+                400, f"model '{self.config.id}' serves no LoRA adapters (no `lora` in its config)"
+            )
+        if is_local(adapter.path):
+            inspect_adapter(adapter.path, max_rank=lora.max_lora_rank, shapes=None)
+        await asyncio.sleep(self.args.adapter_load_s)
+        self.adapters[adapter.name] = adapter
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        current = self.adapters.get(adapter.name)
+        if current is not None and current.lora_id == adapter.lora_id:
+            del self.adapters[adapter.name]
+
     def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], list[str], int]:
         try:
             req = json.loads(body)
@@ -239,10 +261,11 @@ class FakeEngine(Engine):
             return
         try:
             req, words, max_tokens = self._parse(route, body)
+            self._check_model(req)
             priority = _int_field(req, "priority", 0) or 0
             check_request(route.value, req, self.limits, self.args.max_model_len)
         except _BadRequest as exc:
-            yield Head(400, error_body(400, str(exc), param=exc.param))
+            yield Head(exc.status, error_body(exc.status, str(exc), param=exc.param))
             return
         except InputError as exc:
             yield Head(exc.status, exc.body())
@@ -260,6 +283,19 @@ class FakeEngine(Engine):
                 self._slots.release()
         finally:
             self._in_flight -= 1
+
+    def _check_model(self, req: dict[str, Any]) -> None:
+        """On a model serving adapters, a name the engine does not serve (an adapter it has not
+        loaded) is a 404, as vLLM's."""
+        model = req.get("model")
+        if (
+            self.config.lora_options is None
+            or model is None
+            or model in self.config.names
+            or model in self.adapters
+        ):
+            return
+        raise _BadRequest(f"The model `{model}` does not exist.", "model", status=404)
 
     async def _generate(
         self, route: Route, req: dict[str, Any], request_id: str, prompt_tokens: int, cached: int, n: int
@@ -283,9 +319,10 @@ class FakeEngine(Engine):
         }
         await asyncio.sleep(self.args.ttft_s + self.args.prefill_s_per_token * (prompt_tokens - cached))
         gap = 1.0 / self.args.tokens_per_s
+        word = f"{model}-tok" if model in self.adapters else "tok"
         if not req.get("stream"):
             await asyncio.sleep(gap * (n - 1))
-            text = " ".join(f"tok{i}" for i in range(n))
+            text = " ".join(f"{word}{i}" for i in range(n))
             choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
@@ -303,7 +340,7 @@ class FakeEngine(Engine):
         for i in range(n):
             if i:
                 await asyncio.sleep(gap)
-            piece = f"tok{i}" if i == 0 else f" tok{i}"
+            piece = f"{word}{i}" if i == 0 else f" {word}{i}"
             finish = "length" if i == n - 1 else None
             part = {"content": piece} if chat else None
             choice = {"index": 0, "finish_reason": finish, "logprobs": None}

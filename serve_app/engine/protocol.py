@@ -53,6 +53,18 @@ class Head:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """One LoRA adapter as an engine loads it: its name (what requests send as `model`), where
+    its files are (a checked local path, or a repository id from the config), and the id the
+    replica gave this load of it (vLLM's lora_int_id: one per load, the same in every frontend
+    of the replica's engine)."""
+
+    name: str
+    path: str
+    lora_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What an engine knows about its model once started."""
 
@@ -130,6 +142,17 @@ class Engine(ABC):
     async def wake_up(self) -> None:
         """Bring a sleeping engine back; `handle` may be called once this returns."""
         raise NotImplementedError(self.sleep_unsupported(self.config))
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load a LoRA adapter: requests that name it are then served with it, until
+        `remove_adapter`. Raises serve_app.guards.adapters.AdapterError if it cannot load."""
+        from serve_app.guards.adapters import AdapterError
+
+        raise AdapterError(400, f"the {self.config.engine} engine serves no LoRA adapters")
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Unload an adapter `add_adapter` loaded; requests in flight with it finish with it."""
+        await self.add_adapter(adapter)  # raises: this engine loads no adapter to remove
 
     @abstractmethod
     async def shutdown(self) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from serve_app.config import AuthOptions, ConfigError
+from serve_app.config import AuthOptions, ConfigError, KeySources
 
 ANONYMOUS = "anonymous"  # the caller when the app has no API key
 
@@ -48,7 +48,7 @@ class KeyChecker:
         self._hashes = hashes
 
     @classmethod
-    def from_options(cls, options: AuthOptions) -> KeyChecker:
+    def from_options(cls, options: KeySources, what: str = "auth") -> KeyChecker:
         """Read the keys where this process runs (the ingress replica's environment and disk)."""
         hashes = [bytes.fromhex(m.group(1)) for h in options.api_keys if (m := _HASH.match(h))]
         plain: list[str] = []
@@ -60,12 +60,12 @@ class KeyChecker:
                 try:
                     plain += _split(path.read_text())
                 except OSError as exc:
-                    raise ConfigError(f"auth.api_keys_file: cannot read {path}: {exc.strerror}") from None
+                    raise ConfigError(f"{what}.api_keys_file: cannot read {path}: {exc.strerror}") from None
         hashes += [hashlib.sha256(k.encode()).digest() for k in plain]
         if options.configured and not hashes:
             # Fail closed: keys were asked for and none came (an unset variable, an empty file).
             raise ConfigError(
-                "auth: keys are configured but none was found "
+                f"{what}: keys are configured but none was found "
                 f"(api_keys_env={options.api_keys_env!r}, api_keys_file={options.api_keys_file!r})"
             )
         return cls(hashes)

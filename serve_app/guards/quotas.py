@@ -143,18 +143,22 @@ class Quotas:
         _take(scope, 1)
         return Admission(identity, (scope,), key_quota.priority if key_quota else None)
 
-    def admit_to_model(self, admission: Admission, model: str, sequences: int = 1) -> Rejection | None:
-        """Admit a request let in by `admission` on `model`'s own limits for its key, charging
-        each scope one request per sequence beyond the first; None when admitted. A refusal
+    def admit_to_model(
+        self, admission: Admission, model: str, sequences: int = 1, adapter: str | None = None
+    ) -> Rejection | None:
+        """Admit a request let in by `admission` on `model`'s own limits for its key (and on
+        the LoRA `adapter`'s, which the key's `models` may name as a model), charging each
+        scope one request per sequence beyond the first; None when admitted. A refusal
         charges nothing more; the caller releases `admission` as for any request that ends."""
         key_quota = self._options.keys.get(admission.identity)
         now = time.monotonic()
         extra = max(0, sequences - 1)
         (key_scope,) = admission.scopes
         steps = [(key_scope, "this API key", extra, False)]
-        if key_quota and model in key_quota.models:
-            scope = self._scope(admission.identity, model, key_quota.models[model])
-            steps.append((scope, f"this API key on `{model}`", sequences, True))
+        for name in (model, adapter):
+            if key_quota and name is not None and name in key_quota.models:
+                scope = self._scope(admission.identity, name, key_quota.models[name])
+                steps.append((scope, f"this API key on `{name}`", sequences, True))
         for scope, where, requests, entering in steps:
             refusal = _refusal(scope, where, requests, sequences=sequences, entering=entering, now=now)
             if refusal is not None:

@@ -2,7 +2,7 @@
 
     python -m serve_app run [CONFIG]        # default: configs/local.yaml
     python -m serve_app check CONFIG        # validate a config and build the app, start nothing
-    python -m serve_app models [DIR]        # write the demo models (default: ./models)
+    python -m serve_app models [DIR]        # write the demo models and their LoRA adapters (default: ./models)
 
 `run` starts a private local Ray instance (serve_app.local.launcher: never a cluster that runs
 on the machine already), deploys the application, shows progress while the engines load, prints
@@ -125,9 +125,10 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from serve_app.models.adapters import main as write_adapters
     from serve_app.models.demo import main as write_models
 
-    return write_models([str(args.out_dir)])
+    return write_models([str(args.out_dir)]) or write_adapters([str(args.out_dir)])
 
 
 def main(argv: list[str] | None = None) -> int:

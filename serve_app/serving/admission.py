@@ -74,12 +74,18 @@ class Gate:
             raise _too_many(admission)
         return admission
 
-    def admit_to_model(self, admission: Admission | None, model_id: str, payload: Mapping[str, Any]) -> None:
-        """The body names `model_id`: hold the request to that model's limits for its key, and
-        charge it one request per sequence it asks for; ApiError 429 over a limit."""
+    def admit_to_model(
+        self,
+        admission: Admission | None,
+        model_id: str,
+        payload: Mapping[str, Any],
+        adapter: str | None = None,
+    ) -> None:
+        """The body names `model_id` (or its LoRA `adapter`): hold the request to their limits
+        for its key, and charge it one request per sequence it asks for; ApiError 429 over a limit."""
         if admission is None:
             return
-        rejection = self._quotas.admit_to_model(admission, model_id, sequences(payload))
+        rejection = self._quotas.admit_to_model(admission, model_id, sequences(payload), adapter)
         if rejection is not None:
             raise _too_many(rejection)
 

@@ -16,6 +16,8 @@ from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_confi
 from serve_app.engine import engine_class, engine_for
 from serve_app.engine.protocol import Engine
 from serve_app.models.mistral_layout import infer_args
+from serve_app.serving.adapter_registry import REGISTRY_NAME, AdapterRegistry
+from serve_app.serving.adapters import AdapterSpec
 from serve_app.serving.catalog import ModelCard
 from serve_app.serving.gpu_lease import LEASES_NAME, GpuLeases
 from serve_app.serving.ingress import make_ingress
@@ -56,6 +58,8 @@ def model_card(model: ModelConfig) -> ModelCard:
         wait_timeout_s=model.deployment.request_wait_timeout_s,
         priority_scheduling=model.engine_args.get("scheduling_policy") == "priority",
         routing=model.routing,
+        lora=model.lora_options is not None,
+        adapters=tuple(AdapterSpec(a.name, model.id, a.source) for a in model.adapters),
     )
 
 
@@ -74,6 +78,20 @@ def _leases(config: AppConfig) -> Application | None:
         serve.deployment(GpuLeases)
         .options(
             name=LEASES_NAME, num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
+        )
+        .bind()
+    )
+
+
+def _adapter_registry(config: AppConfig) -> Application | None:
+    """The book of adapters added at run time, where the admin routes are on and some model
+    serves adapters."""
+    if config.auth.admin is None or not any(m.lora_options is not None for m in config.models):
+        return None
+    return (
+        serve.deployment(AdapterRegistry)
+        .options(
+            name=REGISTRY_NAME, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
         )
         .bind()
     )
@@ -118,6 +136,7 @@ def build_openai_app(
             config.observability,
             config.quotas.share(ingress.num_replicas),
             config.limits,
+            _adapter_registry(config),
         )
     )
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentResponseGenerator
 
 from serve_app.engine.protocol import Head, Route
 from serve_app.errors import ApiError
+from serve_app.serving.adapters import AdapterSpec
 from serve_app.serving.catalog import ServedModel, shown
 from serve_app.serving.routing import AFFINITY_KWARG, Affinity
 from serve_app.serving.telemetry import RequestRecord
@@ -50,16 +52,21 @@ async def dispatch(
     body: bytes,
     record: RequestRecord,
     affinity: Affinity | None = None,
+    adapter: AdapterSpec | None = None,
 ) -> tuple[Head, DeploymentResponseGenerator]:
     """Send the request to a replica of `model` (asked for as `name`); its response's `Head`
     and the stream it comes on (the rest follows on the stream if `head.stream`). `affinity`
-    is what routes it (serve_app.serving.routing); a retry goes without it, to any replica."""
+    is what routes it (serve_app.serving.routing); a retry goes without it, to any replica.
+    `adapter`: the LoRA adapter the request names, which routes it to replicas holding it
+    (and which a retry keeps: the replica needs it)."""
     request_id = record.request_id
     name = shown(name)
     deadline = time.monotonic() + model.card.wait_timeout_s
     for attempt in range(1, ATTEMPTS + 1):
-        keyed = {AFFINITY_KWARG: affinity} if affinity is not None and attempt == 1 else {}
-        stream = model.stream.remote(route, body, request_id, **keyed)
+        keyed: dict[str, Any] = {AFFINITY_KWARG: affinity} if affinity is not None and attempt == 1 else {}
+        if adapter is not None:
+            keyed["adapter"] = adapter
+        stream = model.stream_for(adapter).remote(route, body, request_id, **keyed)
         taken = False
         try:
             # The replica's first item says it took the request: only that wait is bounded.

@@ -34,8 +34,10 @@ from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, Re
 from serve_app.engine.protocol import Route
 from serve_app.errors import ApiError, error_body
 from serve_app.guards.auth import check_exposure
+from serve_app.serving.adapters import AdapterSpec
+from serve_app.serving.admin import AdapterAdmin
 from serve_app.serving.admission import Gate
-from serve_app.serving.catalog import Catalog, ModelCard
+from serve_app.serving.catalog import Catalog, ModelCard, ServedModel
 from serve_app.serving.dispatch import dispatch
 from serve_app.serving.payload import read_payload
 from serve_app.serving.relay import RelayedStream
@@ -64,7 +66,10 @@ class OpenAIIngress:
         observability: ObservabilityOptions | None = None,
         quotas: QuotaOptions | None = None,
         limits: RequestLimits | None = None,
+        adapter_registry: DeploymentHandle | None = None,
     ) -> None:
+        """`adapter_registry`: the book of adapters added at run time, where the admin routes
+        are on (serve_app.serving.adapter_registry)."""
         auth = auth or AuthOptions()
         observability = observability or ObservabilityOptions()
         if (host := _serve_http_host()) is not None:
@@ -72,6 +77,7 @@ class OpenAIIngress:
         self._limits = limits or RequestLimits()
         self._gate = Gate(auth, quotas or QuotaOptions())
         self._catalog = Catalog(cards, models)
+        self._admin = AdapterAdmin(auth.admin, adapter_registry, self._catalog)
         self._telemetry = Telemetry(
             [c.id for c in cards],
             access_log=observability.access_log,
@@ -101,6 +107,12 @@ class OpenAIIngress:
         record = self._telemetry.begin(_request_id(request), "models")
         return await self._measured(record, self._get_model(model_id, request, record))
 
+    async def load_lora_adapter(self, request: Request) -> Response:
+        return await self._admin_call(request, self._admin.load)
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        return await self._admin_call(request, self._admin.unload)
+
     async def health(self) -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
 
@@ -119,8 +131,11 @@ class OpenAIIngress:
             record.admission = self._gate.admit(record.identity)
             body, payload = await read_payload(request, self._limits)
             record.body_bytes = len(body)
-            name, model = self._catalog.of_payload(payload)
-            self._gate.admit_to_model(record.admission, model.card.id, payload)
+            name, model, adapter = await self._resolve(payload)
+            record.adapter = adapter.name if adapter is not None else ""
+            self._gate.admit_to_model(
+                record.admission, model.card.id, payload, adapter.name if adapter is not None else None
+            )
             body = self._gate.rewrite(
                 body,
                 payload,
@@ -131,8 +146,10 @@ class OpenAIIngress:
             )
             self._telemetry.routed(record, model.card.id, body)
             record.stream = payload.get("stream") is True
-            affinity = affinity_of(model.card.routing, payload, request.headers)
-            head, stream = await dispatch(model, name, route, body, record, affinity)
+            affinity = (
+                None if adapter is not None else affinity_of(model.card.routing, payload, request.headers)
+            )
+            head, stream = await dispatch(model, name, route, body, record, affinity, adapter)
         except ApiError as error:
             if error.status == 429:
                 record.error = "quota"
@@ -144,6 +161,38 @@ class OpenAIIngress:
             return Response(head.body, status_code=head.status, media_type=_JSON)
         record.status = 200
         return RelayedStream(stream, record, self._finish)
+
+    async def _resolve(self, payload: dict[str, Any]) -> tuple[str, ServedModel, AdapterSpec | None]:
+        """The name the body asks for, its model and adapter; a name this replica does not know
+        may be an adapter another ingress replica has just added: the book is read once more."""
+        view = self._admin.view
+        if view is not None:
+            view.touch()
+        try:
+            return self._catalog.of_payload(payload)
+        except ApiError as error:
+            if error.status != 404 or view is None:
+                raise
+        await view.refresh_for_miss()
+        return self._catalog.of_payload(payload)
+
+    async def _admin_call(
+        self, request: Request, action: Callable[[dict[str, Any]], Awaitable[str]]
+    ) -> Response:
+        """One admin route: its key, its bounded body, the action; vLLM's plain-text answer."""
+        record = self._telemetry.begin(_request_id(request), "admin")
+
+        async def answer() -> Response:
+            try:
+                check_request_id(request)
+                self._admin.authorize(request.headers.get("authorization"))
+                _, payload = await read_payload(request, self._limits)
+                message = await action(payload)
+            except ApiError as error:
+                return error_response(error)
+            return Response(message, media_type="text/plain")
+
+        return await self._measured(record, answer())
 
     async def _measured(self, record: RequestRecord, answer: Awaitable[Response]) -> Response:
         """Await the answer to a request and record it (a stream records itself when it ends)."""
@@ -175,7 +224,9 @@ class OpenAIIngress:
             self._gate.check_origin(request, has_body=False)
         except ApiError as error:
             return error_response(error)
-        data = [await self._card(name) for name in self._catalog.names()]
+        if self._admin.view is not None:
+            await self._admin.view.refresh_for_miss()  # adapters added at run time: as of now
+        data = [await self._card(name) for name in list(self._catalog.names())]
         return Response(json.dumps({"object": "list", "data": data}), media_type=_JSON)
 
     async def _get_model(self, model_id: str, request: Request, record: RequestRecord) -> Response:
@@ -190,9 +241,8 @@ class OpenAIIngress:
         return Response(json.dumps(await self._card(model_id)), media_type=_JSON)
 
     async def _card(self, name: str) -> dict[str, Any]:
-        model = self._catalog.get(name)
-        await model.learn_max_model_len()
-        return model.to_openai(name, self._created)
+        await self._catalog.get(name).learn_max_model_len()
+        return self._catalog.card(name, self._created)
 
 
 # What a client's X-Request-Id may hold: it becomes the engine's request id and the id of every
@@ -251,6 +301,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/v1/models", "list_models"),
     ("GET", "/v1/models/{model_id:path}", "get_model"),
     ("GET", "/health", "health"),
+    ("POST", "/v1/load_lora_adapter", "load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter", "unload_lora_adapter"),
 ]
 
 

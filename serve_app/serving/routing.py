@@ -20,6 +20,12 @@ every ingress replica ranks the same replicas the same way for one key, with no 
 between them, so affinity does not depend on which ingress replica took the request; and when
 autoscaling adds or removes a replica, only the keys that it ranks first move.
 
+A request for a LoRA adapter (Serve's multiplexed model id, serve_app.serving.adapters) goes to
+a replica that holds the adapter, as Serve reports them: the first of them in the adapter's
+rendezvous ranking. Where none holds it, it goes to the replica holding the fewest adapters
+(the first in the ranking among equals), which then loads it. The load guard applies as below:
+a holder past it passes the request to the next replica, which then holds the adapter too.
+
 The load guard bounds the imbalance, as SGLang's cache-aware router does: a replica keeps its
 keys while its queue is less than a slack over the least loaded replica's queue, the slack being
 a quarter of the mean queue, at least 2. Past that, the next replica in the key's ranking takes
@@ -34,7 +40,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -158,6 +164,9 @@ class AffinityRouter(RequestRouter):  # type: ignore[misc]
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if adapter and len(candidate_replicas) > 1:
+            return self._to_holders(candidate_replicas, adapter)
         affinity = pending_request.kwargs.get(AFFINITY_KWARG) if pending_request is not None else None
         if not isinstance(affinity, tuple) or len(candidate_replicas) == 1:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
@@ -172,9 +181,30 @@ class AffinityRouter(RequestRouter):  # type: ignore[misc]
         rest = [candidate_replicas[i] for i in order if i != chosen]
         return [[candidate_replicas[chosen]], rest]
 
+    def _to_holders(self, candidates: list[RunningReplica], adapter: str) -> list[list[RunningReplica]]:
+        order = adapter_order(
+            adapter,
+            [r.replica_id.unique_id for r in candidates],
+            [r.multiplexed_model_ids for r in candidates],
+        )
+        cache = self._replica_queue_len_cache
+        chosen = bounded_choice(order, [cache.get(r.replica_id) for r in candidates], *self._slack)
+        return [[candidates[chosen]], [candidates[i] for i in order if i != chosen]]
 
-def router_config(routing: str) -> dict[str, Any] | None:
-    """The deployment's `request_router_config` for `routing`; None keeps Serve's default."""
-    if routing == "load":
+
+def adapter_order(adapter: str, replica_ids: Sequence[str], held: Sequence[Collection[str]]) -> list[int]:
+    """Indices of the replicas in the order an adapter's request tries them: those holding it,
+    then those holding the fewest adapters; the adapter's rendezvous ranking among equals."""
+    place = {index: n for n, index in enumerate(rank(adapter, replica_ids))}
+    return sorted(
+        range(len(replica_ids)),
+        key=lambda i: (adapter not in held[i], 0 if adapter in held[i] else len(held[i]), place[i]),
+    )
+
+
+def router_config(routing: str, adapters: bool = False) -> dict[str, Any] | None:
+    """The deployment's `request_router_config` for `routing` (and a model serving LoRA
+    adapters); None keeps Serve's default."""
+    if routing == "load" and not adapters:
         return None
     return {"request_router_class": ROUTER_CLASS}

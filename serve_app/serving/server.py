@@ -13,6 +13,9 @@ from typing import Any
 from serve_app.config import ModelConfig, RequestLimits
 from serve_app.engine import engine_for
 from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
+from serve_app.errors import error_body
+from serve_app.guards.adapters import AdapterError
+from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.reaper import start_reaper
@@ -89,6 +92,8 @@ class ModelServer:
         logger.info("model %s: engine ready", config.id)
         if self._warm is not None:
             self._warm.run()
+        lora = config.lora_options is not None
+        self._adapters = ReplicaAdapters(config, self._engine) if lora else None
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -117,12 +122,18 @@ class ModelServer:
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def generate(
-        self, route: Route, body: bytes, request_id: str, affinity: Affinity | None = None
+        self,
+        route: Route,
+        body: bytes,
+        request_id: str,
+        affinity: Affinity | None = None,
+        adapter: AdapterSpec | None = None,
     ) -> AsyncIterator[Head | bytes | Usage | None]:
         """Stream one request's response: `None` as soon as this replica has taken the request
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams.
         `affinity` is what routed the request here (serve_app.serving.routing), for the
-        router only.
+        router only. `adapter`: the LoRA adapter the body names, loaded here first if it is not
+        (a 4xx answer if it cannot load).
 
         A replica whose engine is already dead does not take the request: it ends, and the
         ingress tries another replica (it retries only requests that no replica took). One
@@ -134,6 +145,9 @@ class ModelServer:
             await self._warm.enter()
         try:
             yield None
+            if adapter is not None and (refusal := await self._use_adapter(adapter)) is not None:
+                yield refusal
+                return
             # Chunks that queue while Serve sends earlier ones travel on as one message.
             interval_s = self._config.stream_batching_interval_ms / 1000
             stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
@@ -149,6 +163,31 @@ class ModelServer:
         finally:
             if self._warm is not None:
                 self._warm.leave()
+
+    async def _use_adapter(self, adapter: AdapterSpec) -> Head | None:
+        """Load `adapter` here if it is not; the error answer if it cannot be."""
+        if self._adapters is None:
+            return Head(404, error_body(404, f"The model `{adapter.name}` does not exist.", param="model"))
+        try:
+            await self._adapters.use(adapter)
+        except AdapterError as exc:
+            logger.warning("model %s: adapter %s cannot load: %s", self._config.id, adapter.name, exc)
+            return Head(exc.status, error_body(exc.status, f"adapter '{adapter.name}': {exc}", param="model"))
+        return None
+
+    async def check_adapter(self, adapter: AdapterSpec) -> tuple[int, str] | None:
+        """Whether `adapter` could load here: None, or the (4xx status, reason) it could not."""
+        if self._adapters is None:
+            return 400, f"model '{self._config.id}' serves no LoRA adapters (no `lora` in its config)"
+        try:
+            await self._adapters.check(adapter)
+        except AdapterError as exc:
+            return exc.status, exc.message
+        return None
+
+    async def adapters(self) -> list[str]:
+        """The adapters loaded on this replica (their multiplexed ids)."""
+        return self._adapters.held() if self._adapters is not None else []
 
     def _die(self) -> None:
         """The engine is gone for good: end this replica's process at once.
@@ -223,7 +262,7 @@ class ModelServer:
                 "runtime_env": {"env_vars": env},
             },
         }
-        if (router := router_config(config.routing)) is not None:
+        if (router := router_config(config.routing, config.lora_options is not None)) is not None:
             options["request_router_config"] = router
         if gpus > 0:
             # One bundle holding all of a replica's GPUs (tensor x pipeline parallel), so Ray

@@ -4,7 +4,8 @@ Metrics go through Ray's metrics system (`ray.util.metrics`), so they reach each
 Prometheus endpoint and the Ray dashboard's Grafana. Ray prefixes their names with `ray_`
 and gives counters a `_total` suffix: `mistral_serve_requests` is scraped as
 `ray_mistral_serve_requests_total`. Labels hold only values from the config (model ids,
-routes, status codes), never anything a client sent, so their number stays bounded.
+routes, status codes) or from an operator (the names of LoRA adapters, in an `adapter` label
+beside their base model's id), never anything a client sent, so their number stays bounded.
 
 The gateway (ingress) measures what a client sees; each model replica reports its
 engine's scheduler (see `EngineGauges`). vLLM's own engine-side metrics are exported
@@ -85,6 +86,7 @@ class RequestRecord:
     request_id: str
     route: str
     model: str = UNKNOWN_MODEL
+    adapter: str = ""  # the LoRA adapter the request named (its model is the adapter's base)
     identity: str = ""  # who sent it (an API key's hash, or anonymous); never logged
     admission: Any = None  # its quota admission, released when it ends
     stream: bool = False
@@ -141,11 +143,12 @@ class _GatewayMetrics:
 
         by_model = ("model",)
         by_route = ("model", "route")
+        by_adapter = ("model", "adapter")  # adapter: a LoRA adapter's name, "" for the base model
         self.requests = metrics.Counter(
             "mistral_serve_requests",
-            description="Requests answered by the gateway, by model, route and HTTP status "
-            "(499: the client went away first).",
-            tag_keys=("model", "route", "status"),
+            description="Requests answered by the gateway, by model, LoRA adapter, route and HTTP "
+            "status (499: the client went away first).",
+            tag_keys=("model", "adapter", "route", "status"),
         )
         self.duration = metrics.Histogram(
             "mistral_serve_request_duration_seconds",
@@ -173,13 +176,13 @@ class _GatewayMetrics:
         )
         self.prompt_tokens = metrics.Counter(
             "mistral_serve_prompt_tokens",
-            description="Prompt tokens of answered requests.",
-            tag_keys=by_model,
+            description="Prompt tokens of answered requests, by model and LoRA adapter.",
+            tag_keys=by_adapter,
         )
         self.completion_tokens = metrics.Counter(
             "mistral_serve_completion_tokens",
-            description="Generated tokens of answered requests.",
-            tag_keys=by_model,
+            description="Generated tokens of answered requests, by model and LoRA adapter.",
+            tag_keys=by_adapter,
         )
         self.in_flight = metrics.Gauge(
             "mistral_serve_requests_in_flight",
@@ -236,7 +239,8 @@ class Telemetry:
             m.in_flight.set(self._in_flight[model], tags={"model": model})
         status = CLIENT_CLOSED if record.cancelled else record.status
         duration = time.perf_counter() - record.start
-        m.requests.inc(tags={"model": model, "route": record.route, "status": str(status)})
+        adapter = {"model": model, "adapter": record.adapter}
+        m.requests.inc(tags={**adapter, "route": record.route, "status": str(status)})
         route_tags = {"model": model, "route": record.route}
         m.duration.observe(duration, tags=route_tags)
         if record.accepted is not None:
@@ -247,9 +251,9 @@ class Telemetry:
             m.tpot.observe(tpot, tags=route_tags)
         if record.usage is not None:
             if record.usage.prompt_tokens:
-                m.prompt_tokens.inc(record.usage.prompt_tokens, tags={"model": model})
+                m.prompt_tokens.inc(record.usage.prompt_tokens, tags=adapter)
             if record.usage.completion_tokens:
-                m.completion_tokens.inc(record.usage.completion_tokens, tags={"model": model})
+                m.completion_tokens.inc(record.usage.completion_tokens, tags=adapter)
         if self._access is not None:
             self._access.info(json.dumps(access_entry(record, status, duration), ensure_ascii=False))
 
@@ -265,6 +269,7 @@ def access_entry(record: RequestRecord, status: int, duration: float) -> dict[st
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": record.request_id,
         "model": record.model,
+        "adapter": record.adapter or None,
         "route": record.route,
         "status": status,
         "stream": record.stream,

@@ -131,7 +131,7 @@ def test_each_ingress_replica_is_given_its_share_of_the_quotas() -> None:
         }
     )
     ingress = build_openai_app(config)._bound_deployment
-    handles, cards, _auth, _observability, quotas, _limits = ingress.init_args
+    handles, cards, _auth, _observability, quotas, _limits, _registry = ingress.init_args
     assert quotas == config.quotas.share(2)
     assert quotas.default.requests_per_minute == 300 and quotas.default.concurrent_requests == 3
     assert [card.id for card in cards] == ["m"] and set(handles) == {"m"}

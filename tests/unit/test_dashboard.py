@@ -135,7 +135,7 @@ def _app_metrics() -> dict[str, tuple[str, set[str]]]:
 
 def test_app_metrics_reads_telemetry() -> None:
     metrics = _app_metrics()
-    assert metrics["ray_mistral_serve_requests_total"] == ("Counter", {"model", "route", "status"})
+    assert metrics["ray_mistral_serve_requests_total"] == ("Counter", {"model", "adapter", "route", "status"})
     assert metrics["ray_mistral_serve_queue_wait_seconds_bucket"] == ("Histogram", {"model", "le"})
     assert metrics["ray_mistral_serve_engine_running_requests"] == ("Gauge", {"model", "replica"})
     assert metrics["ray_mistral_serve_model_awake"] == ("Gauge", {"model", "replica"})

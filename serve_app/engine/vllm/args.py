@@ -63,6 +63,12 @@ def build_namespace(config: ModelConfig) -> Namespace:
     ns.served_model_name = list(config.names)
     for key, value in {**config.engine_args, **config.server_args}.items():
         setattr(ns, key, value)
+    if (lora := config.lora_options) is not None:
+        # Adapters load at run time (serve_app.serving.adapters), none at start.
+        ns.enable_lora = True
+        ns.max_loras = lora.max_loras
+        ns.max_lora_rank = lora.max_lora_rank
+        ns.max_cpu_loras = lora.adapters_per_replica
     if config.warm_tier is not None:
         # The warm tier parks the engine with vLLM's sleep mode, in its share of the GPU.
         ns.enable_sleep_mode = True

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
 
 from serve_app.config import ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
+from serve_app.engine.protocol import AdapterRef, Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.engine.vllm import compat, openai_layer
 from serve_app.engine.vllm.args import (
     build_namespace,
@@ -38,6 +38,7 @@ from serve_app.engine.vllm.args import (
 from serve_app.engine.vllm.patches import apply_all, json_coroutines
 from serve_app.engine.vllm.stats import SchedulerSnapshot, ray_stat_logger
 from serve_app.errors import error_body
+from serve_app.guards.adapters import AdapterError
 from serve_app.guards.limits import InputError, check_request
 from serve_app.guards.media import MediaError, check_media
 
@@ -182,6 +183,7 @@ class VLLMEngine(Engine):
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._routes: openai_layer.Routes = {}
+        self._models: Any = None  # vLLM's OpenAIServingModels: its lora_requests name the adapters
         self._scheduler = SchedulerSnapshot()
         self._stall = StallWatch()
         self._info: ModelInfo | None = None
@@ -236,6 +238,7 @@ class VLLMEngine(Engine):
         state = State()
         await compat.init_app_state(self._client, state, ns)
         self._routes = openai_layer.routes(state)
+        self._models = state.openai_serving_models
         model_config = self._client.model_config
         self._accepts_images = bool(model_config.is_multimodal_model)
         self._info = ModelInfo(max_model_len=int(model_config.max_model_len))
@@ -244,6 +247,31 @@ class VLLMEngine(Engine):
         if self._info is None:
             raise RuntimeError("the engine has not been started")
         return self._info
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load the adapter into the engine core (vLLM's `add_lora`, as its runtime loading does)
+        and name it in this frontend's OpenAI layer. The id is the replica's, so that every
+        frontend of one engine core names the same weights by it."""
+        from vllm.lora.request import LoRARequest
+
+        if self.config.lora_options is None:
+            raise AdapterError(
+                400, f"model '{self.config.id}' serves no LoRA adapters (no `lora` in its config)"
+            )
+        request = LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=adapter.path)
+        try:
+            await self._client.add_lora(request)
+        except Exception as exc:  # vLLM's reason: files, rank, target modules...
+            raise AdapterError(400, f"vLLM could not load the adapter: {exc}") from None
+        self._models.lora_requests[adapter.name] = request
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Unname the adapter (unless a later load took its name) and drop it from the engine
+        core; a request in flight keeps its weights (vLLM reloads them for it)."""
+        current = self._models.lora_requests.get(adapter.name)
+        if current is not None and current.lora_int_id == adapter.lora_id:
+            del self._models.lora_requests[adapter.name]
+        await self._client.remove_lora(adapter.lora_id)
 
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         entry = self._routes.get(route)

@@ -29,6 +29,7 @@ from serve_app.config import ModelConfig, RequestLimits
 from serve_app.engine.protocol import Route
 from serve_app.engine.vllm import wire
 from serve_app.engine.vllm.engine import VLLMEngine
+from serve_app.guards.adapters import AdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,13 @@ async def _call(engine: VLLMEngine, call: wire.Call) -> Any:
         return await engine.wake_up()
     if call.op == "reset_mm_cache":
         return await engine.reset_mm_cache()
+    if call.op == "add_adapter":
+        try:
+            return await engine.add_adapter(*call.args)
+        except AdapterError as exc:  # the replica raises it again
+            return exc
+    if call.op == "remove_adapter":
+        return await engine.remove_adapter(*call.args)
     if call.op == "facts":
         return {
             "pid": os.getpid(),

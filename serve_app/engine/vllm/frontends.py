@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.config import ModelConfig
-from serve_app.engine.protocol import Engine, EngineStats, Head, ModelInfo, Route, Usage
+from serve_app.engine.protocol import AdapterRef, Engine, EngineStats, Head, ModelInfo, Route, Usage
 from serve_app.engine.vllm import compat, wire
 from serve_app.engine.vllm.args import (
     build_namespace,
@@ -41,11 +41,13 @@ from serve_app.engine.vllm.args import (
 )
 from serve_app.engine.vllm.engine import PROBE_TIMEOUT_S, Load, SleepGuard, StallWatch, alive
 from serve_app.engine.vllm.frontend_process import SPEC_ATTRIBUTE, FrontendSpec, run_frontend
+from serve_app.guards.adapters import AdapterError
 
 logger = logging.getLogger(__name__)
 
 LOAD_PERIOD_S = 0.5  # how often the frontends' view of the engine's load is read
 CALL_TIMEOUT_S = 30.0  # a frontend answers a health or load call within this
+ADAPTER_TIMEOUT_S = 300.0  # an adapter loads (from a Hugging Face repository, maybe) within this
 SLEEP_TIMEOUT_S = 600.0  # the engine core moves its weights to host memory and back within this
 READY_TIMEOUT_S = 600.0  # frontends start with the engine core; vLLM waits as long for it
 
@@ -98,21 +100,25 @@ class FrontendRelay:
         for writer in list(self._open):
             writer.close()
 
-    async def call(self, frontend: Frontend, op: str, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+    async def call(
+        self, frontend: Frontend, op: str, timeout_s: float = CALL_TIMEOUT_S, args: tuple[Any, ...] = ()
+    ) -> Any:
         """One call to `frontend` and its result, within `timeout_s`."""
 
         async def call() -> Any:
             reader, writer = await asyncio.open_unix_connection(frontend.path)
             try:
-                writer.write(wire.item_frame(wire.Call(op)))
+                writer.write(wire.item_frame(wire.Call(op, args)))
                 return await wire.read_item(reader)
             finally:
                 writer.close()
 
         return await asyncio.wait_for(call(), timeout=timeout_s)
 
-    async def call_all(self, op: str) -> list[Any]:
-        return list(await asyncio.gather(*(self.call(f, op) for f in self.frontends)))
+    async def call_all(
+        self, op: str, timeout_s: float = CALL_TIMEOUT_S, args: tuple[Any, ...] = ()
+    ) -> list[Any]:
+        return list(await asyncio.gather(*(self.call(f, op, timeout_s, args) for f in self.frontends)))
 
     async def read_loads(self) -> None:
         """Ask each frontend for its view of the engine's load."""
@@ -235,6 +241,16 @@ class VLLMFrontends(Engine):
 
     def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:
         return self._relay.handle(route, body, request_id)
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Every frontend names the adapter (the engine core loads it once: one id)."""
+        results = await self._relay.call_all("add_adapter", ADAPTER_TIMEOUT_S, (adapter,))
+        if (failed := next((r for r in results if isinstance(r, AdapterError)), None)) is not None:
+            await self.remove_adapter(adapter)
+            raise failed
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        await self._relay.call_all("remove_adapter", CALL_TIMEOUT_S, (adapter,))
 
     async def _poll_loads(self) -> None:
         """Read the frontends' load every LOAD_PERIOD_S; once a process of the engine has died,

@@ -1,0 +1,130 @@
+"""Write tiny LoRA adapters, in PEFT's format, for the demo models (`make models`).
+
+Each adapter is what PEFT's `save_pretrained` writes for a LoRA of a Mistral-architecture model:
+`adapter_config.json` and `adapter_model.safetensors`, its tensors named as PEFT names them
+(`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`, ...). Its weights are random
+(seeded by the adapter's name), large enough that each adapter's greedy answers differ from the
+base model's and from each other's. vLLM loads them as it loads any PEFT adapter
+(`--enable-lora --lora-modules name=path`).
+
+Usage: python -m serve_app.models.adapters [MODELS_DIR]   (default: ./models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve_app.models import demo
+
+ADAPTERS_DIR = "adapters"  # under the models directory: models/adapters/<name>
+RANK = 8
+ALPHA = 16
+# (PEFT module name, in features, out features) of one decoder layer of the demo models.
+_MODULES = (
+    ("self_attn.q_proj", demo.DIM, demo.N_HEADS * demo.HEAD_DIM),
+    ("self_attn.k_proj", demo.DIM, demo.N_KV_HEADS * demo.HEAD_DIM),
+    ("self_attn.v_proj", demo.DIM, demo.N_KV_HEADS * demo.HEAD_DIM),
+    ("self_attn.o_proj", demo.N_HEADS * demo.HEAD_DIM, demo.DIM),
+    ("mlp.gate_proj", demo.DIM, demo.HIDDEN_DIM),
+    ("mlp.up_proj", demo.DIM, demo.HIDDEN_DIM),
+    ("mlp.down_proj", demo.HIDDEN_DIM, demo.DIM),
+)
+
+
+@dataclass(frozen=True)
+class DemoAdapter:
+    """One demo adapter: its name, the demo model it adapts, its rank."""
+
+    name: str
+    base: str  # a DEMO_MODELS name
+    rank: int = RANK
+
+
+# Eight adapters of tiny-mistral-v3 (the routing and eviction benchmark serves them all with
+# max_loras 2), one of tiny-mistral-tekken.
+DEMO_ADAPTERS = (
+    *(DemoAdapter(f"tiny-mistral-v3-lora-{i}", "tiny-mistral-v3") for i in range(8)),
+    DemoAdapter("tiny-mistral-tekken-lora-0", "tiny-mistral-tekken"),
+)
+
+
+def adapter_config(adapter: DemoAdapter) -> dict[str, object]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.base,
+        "r": adapter.rank,
+        "lora_alpha": ALPHA,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(m.rsplit(".", 1)[1] for m, _, _ in _MODULES),
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def _weights(adapter: DemoAdapter) -> dict[str, object]:
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(adapter.name.encode()).digest()[:4], "big")
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, object] = {}
+    for layer in range(demo.N_LAYERS):
+        for module, fan_in, fan_out in _MODULES:
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            # B is not zero (PEFT's initial value): the adapter must change the answers.
+            a = torch.randn(adapter.rank, fan_in, generator=gen) / fan_in**0.5
+            b = torch.randn(fan_out, adapter.rank, generator=gen) * 0.5
+            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
+    return tensors
+
+
+def write_adapter(adapter: DemoAdapter, models_dir: Path) -> Path:
+    """Write one adapter to `models_dir/adapters/<name>`; skip when it is already complete."""
+    from safetensors.torch import save_file
+
+    target = models_dir / ADAPTERS_DIR / adapter.name
+    config = adapter_config(adapter)
+    config_file = target / "adapter_config.json"
+    if (
+        config_file.is_file()
+        and (target / "adapter_model.safetensors").is_file()
+        and json.loads(config_file.read_text()) == config
+    ):
+        print(f"  {target}: up to date")
+        return target
+    tmp = target.parent / f".{adapter.name}.tmp"  # renamed into place: no half adapter
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_weights(adapter), str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    print(f"  {target}: written (LoRA rank {adapter.rank} of {adapter.base})")
+    return target
+
+
+def write_all(models_dir: Path) -> list[Path]:
+    return [write_adapter(a, models_dir) for a in DEMO_ADAPTERS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("models_dir", nargs="?", default="models", type=Path)
+    args = parser.parse_args(argv)
+    print(f"Writing demo LoRA adapters to {args.models_dir / ADAPTERS_DIR}/ (PEFT format, random weights)")
+    write_all(args.models_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

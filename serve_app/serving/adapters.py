@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import AdapterRef, Engine
 from serve_app.guards.adapters import AdapterError, inspect_adapter, is_local, model_shapes, resolve_source
+from serve_app.serving.telemetry import AdapterMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,7 +71,7 @@ class LoadedAdapter:
 class ReplicaAdapters:
     """The adapters of one replica: `use(spec)` before a request for it reaches the engine."""
 
-    def __init__(self, config: ModelConfig, engine: Engine) -> None:
+    def __init__(self, config: ModelConfig, engine: Engine, metrics: AdapterMetrics | None = None) -> None:
         lora = config.lora_options
         if lora is None:
             raise ValueError(f"model '{config.id}' has no `lora` options")
@@ -80,6 +82,8 @@ class ReplicaAdapters:
         self._specs: dict[str, AdapterSpec] = {}  # by key: what the next load of each key reads
         self._shapes = model_shapes(config.source)
         self._held: set[str] = set()
+        self._metrics = metrics
+        self.counts = {"held": 0, "loaded": 0, "failed": 0}  # requests, by outcome
         from ray import serve
 
         async def load(key: str) -> LoadedAdapter:
@@ -93,7 +97,16 @@ class ReplicaAdapters:
         if spec.base != self._config.id:
             raise AdapterError(400, f"adapter '{spec.name}' is not one of model '{self._config.id}'")
         self._specs[spec.key] = spec
-        await self._multiplexed(spec.key)
+        outcome = "held" if spec.key in self._held else "loaded"
+        try:
+            await self._multiplexed(spec.key)
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.counts[outcome] += 1
+            if self._metrics is not None:
+                self._metrics.request(outcome)
 
     async def check(self, spec: AdapterSpec) -> None:
         """Check an adapter's source and files as a load would, loading nothing (admin route)."""
@@ -112,8 +125,12 @@ class ReplicaAdapters:
         spec = self._specs.pop(key)
         path = await asyncio.to_thread(self._checked_path, spec)
         ref = AdapterRef(spec.name, path, next(self._ids))
-        logger.info("adapter %s of %s: loading", spec.name, self._config.id)
+        started = time.perf_counter()
         await self._engine.add_adapter(ref)
+        seconds = time.perf_counter() - started
+        logger.info("adapter %s of %s: loaded in %.3f s", spec.name, self._config.id, seconds)
+        if self._metrics is not None:
+            self._metrics.loaded(seconds)
         self._held.add(key)
         return LoadedAdapter(self._engine, ref, self._held, key)
 

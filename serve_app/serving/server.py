@@ -21,7 +21,7 @@ from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.reaper import start_reaper
 from serve_app.serving.routing import Affinity, router_config
 from serve_app.serving.streams import coalesce
-from serve_app.serving.telemetry import GAUGE_PERIOD_S, EngineGauges, WarmTierMetrics
+from serve_app.serving.telemetry import GAUGE_PERIOD_S, AdapterMetrics, EngineGauges, WarmTierMetrics
 from serve_app.serving.warm import WarmTier
 
 logger = logging.getLogger("ray.serve")
@@ -93,7 +93,8 @@ class ModelServer:
         if self._warm is not None:
             self._warm.run()
         lora = config.lora_options is not None
-        self._adapters = ReplicaAdapters(config, self._engine) if lora else None
+        metrics = AdapterMetrics(config.id, _replica_id()) if lora else None
+        self._adapters = ReplicaAdapters(config, self._engine, metrics) if lora else None
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -185,9 +186,12 @@ class ModelServer:
             return exc.status, exc.message
         return None
 
-    async def adapters(self) -> list[str]:
-        """The adapters loaded on this replica (their multiplexed ids)."""
-        return self._adapters.held() if self._adapters is not None else []
+    async def adapters(self) -> dict[str, Any]:
+        """The adapters loaded on this replica (their multiplexed ids), and its adapter requests
+        by outcome (held, loaded, failed)."""
+        if self._adapters is None:
+            return {"held": [], "requests": {}}
+        return {"held": self._adapters.held(), "requests": dict(self._adapters.counts)}
 
     def _die(self) -> None:
         """The engine is gone for good: end this replica's process at once.

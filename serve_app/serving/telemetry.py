@@ -400,3 +400,36 @@ class WarmTierMetrics:
     def slept(self, forced: bool) -> None:
         self._sleeps.inc(tags={**self._tags, "reason": "forced" if forced else "idle"})
         self.awake(False)
+
+
+ADAPTER_LOAD_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300]
+
+
+class AdapterMetrics:
+    """A model replica's LoRA adapters (serve_app.serving.adapters) as Ray metrics: requests by
+    whether their adapter was already held here (`held`), had to load (`loaded`), or could not
+    (`failed`), and the seconds each load took. The share of `held` is how well requests are
+    routed to the replicas that hold their adapter."""
+
+    def __init__(self, model: str, replica: str) -> None:
+        from ray.util import metrics
+
+        self._model, self._replica = model, replica
+        self._requests = metrics.Counter(
+            "mistral_serve_adapter_requests",
+            description="Requests for a LoRA adapter at a replica, by outcome: held (loaded there "
+            "already), loaded (loaded for it), failed (could not load).",
+            tag_keys=("model", "replica", "outcome"),
+        )
+        self._load_seconds = metrics.Histogram(
+            "mistral_serve_adapter_load_seconds",
+            description="Seconds a replica took to load a LoRA adapter (files checked, engine load).",
+            boundaries=ADAPTER_LOAD_BUCKETS,
+            tag_keys=("model", "replica"),
+        )
+
+    def request(self, outcome: str) -> None:
+        self._requests.inc(tags={"model": self._model, "replica": self._replica, "outcome": outcome})
+
+    def loaded(self, seconds: float) -> None:
+        self._load_seconds.observe(seconds, tags={"model": self._model, "replica": self._replica})

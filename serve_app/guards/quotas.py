@@ -42,8 +42,9 @@ class _Bucket:
         self.updated = time.monotonic()
 
     def refill(self, now: float) -> None:
-        self.level = min(self.per_minute, self.level + (now - self.updated) * self.per_minute / 60)
-        self.updated = now
+        # `now` may be a moment older than the bucket (read before it was made): no negative refill.
+        self.level = min(self.per_minute, self.level + max(0.0, now - self.updated) * self.per_minute / 60)
+        self.updated = max(now, self.updated)
 
     def wait_s(self, need: float) -> float:
         """Seconds until the level reaches `need` (0: it has)."""

@@ -2,12 +2,12 @@
 replica's `lora.max_adapters_per_replica`, and announced to the routers.
 
 A request for an adapter carries its `AdapterSpec` from the ingress (the config's adapters and
-those added at run time alike), and Serve's multiplexed model id (the spec's `key`). The replica
-loads the adapter through Serve's model multiplexing (`serve.multiplexed`): it keeps the
-replica's adapters in least-recently-used order, unloads the oldest past the cap, and tells
-Serve's controller which adapters each replica holds; the model's request router
-(serve_app.serving.routing) sends each adapter's requests to replicas that hold it. Serve also
-exports the loads, unloads and load times (`ray_serve_multiplexed_*` metrics).
+those added at run time alike), and Serve's multiplexed model id (the spec's `key`), by which
+the model's request router (serve_app.serving.routing) sends it to a replica that holds the
+adapter. Each replica keeps its adapters in an `AdapterCache`: one load per adapter however many
+requests wait for it, least recently used out first past the cap, never one that a request is
+using (it leaves once the last such request ends). Each change of what a replica holds is
+reported to Serve's controller, which tells the routers (serve_app.serving.ray_compat).
 
 Before the engine sees an adapter, the replica checks where it comes from and what it is
 (serve_app.guards.adapters), and gives this load of it an id of its own (vLLM's lora_int_id):
@@ -17,10 +17,14 @@ every frontend of the replica's engine names the same weights by it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import AdapterRef, Engine
@@ -28,6 +32,7 @@ from serve_app.guards.adapters import AdapterError, inspect_adapter, is_local, m
 from serve_app.serving.telemetry import AdapterMetrics
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,28 +55,112 @@ class AdapterSpec:
         return self.revision == 0
 
 
-class LoadedAdapter:
-    """One adapter loaded in a replica's engine; Serve's multiplexing calls `__del__` when it
-    evicts it (or the replica stops)."""
+class AdapterCache(Generic[T]):
+    """Loaded values by key, least recently used first out past `capacity`, never one in use.
 
-    def __init__(self, engine: Engine, ref: AdapterRef, held: set[str], key: str) -> None:
-        self.engine = engine
-        self.ref = ref
-        self._held, self._key = held, key
+    `hold(key)` loads the key's value once however many callers wait for it, marks it most
+    recently used, and keeps it from eviction until the caller is done. `on_change(keys)` hears
+    the keys loaded or loading after each change."""
 
-    async def __del__(self) -> None:  # Serve awaits it on eviction
-        self._held.discard(self._key)
+    def __init__(
+        self,
+        capacity: int,
+        load: Callable[[str], Awaitable[T]],
+        unload: Callable[[str, T], Awaitable[None]],
+        on_change: Callable[[list[str]], None] = lambda keys: None,
+    ) -> None:
+        self.capacity = capacity
+        self._load, self._unload, self._on_change = load, unload, on_change
+        self._loaded: OrderedDict[str, T] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._pins: Counter[str] = Counter()
+
+    def keys(self) -> list[str]:
+        """Loaded keys, least recently used first."""
+        return list(self._loaded)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[bool]:
+        """Hold `key`'s value loaded while the block runs; yields whether it was loaded already."""
+        self._pins[key] += 1
         try:
-            await self.engine.remove_adapter(self.ref)
-            logger.info("adapter %s unloaded", self.ref.name)
-        except Exception as exc:  # the engine is gone: nothing is held any more
-            logger.warning("adapter %s: unload failed: %r", self.ref.name, exc)
+            held = key in self._loaded
+            if held:
+                self._loaded.move_to_end(key)
+            else:
+                await self._ensure(key)
+                await self._evict()  # make room now (this key is pinned)
+            yield held
+        finally:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+            await self._evict()
+
+    async def _ensure(self, key: str) -> None:
+        """Load `key` (or wait for its load under way). The load runs on its own: a caller that
+        leaves does not cancel it for the others."""
+        task = self._loading.get(key)
+        if task is None:
+            task = self._loading[key] = asyncio.ensure_future(self._load_into(key))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+            self._changed()
+        await asyncio.shield(task)
+
+    async def _load_into(self, key: str) -> None:
+        try:
+            self._loaded[key] = await self._load(key)
+        finally:
+            del self._loading[key]
+            self._changed()
+
+    async def _evict(self) -> None:
+        """Unload the least recently used unpinned values while over capacity."""
+        while len(self._loaded) > self.capacity:
+            victim = next((k for k in self._loaded if not self._pins[k]), None)
+            if victim is None:
+                return  # all in use: the next release evicts
+            value = self._loaded.pop(victim)
+            self._changed()
+            await self._unload(victim, value)
+
+    def _changed(self) -> None:
+        self._on_change([*self._loaded, *self._loading])
+
+
+class HolderReport:
+    """Reports what a replica holds to Serve's controller, latest state first, one call at a
+    time, off the event loop (the request path never waits for it)."""
+
+    def __init__(self, report: Callable[[list[str]], bool]) -> None:
+        self._report = report
+        self._latest: list[str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self, keys: list[str]) -> None:
+        self._latest = keys
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        while self._latest is not None:
+            keys, self._latest = self._latest, None
+            try:
+                await asyncio.to_thread(self._report, keys)
+            except Exception as exc:  # routing falls back to the adapter's ranking meanwhile
+                logger.warning("cannot report the adapters held here: %r", exc)
 
 
 class ReplicaAdapters:
-    """The adapters of one replica: `use(spec)` before a request for it reaches the engine."""
+    """The adapters of one replica: a request for an adapter runs in `use(spec)`."""
 
-    def __init__(self, config: ModelConfig, engine: Engine, metrics: AdapterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        engine: Engine,
+        metrics: AdapterMetrics | None = None,
+        report: Callable[[list[str]], bool] | None = None,
+    ) -> None:
         lora = config.lora_options
         if lora is None:
             raise ValueError(f"model '{config.id}' has no `lora` options")
@@ -79,34 +168,36 @@ class ReplicaAdapters:
         self._lora = lora
         self._engine = engine
         self._ids = itertools.count(1)
-        self._specs: dict[str, AdapterSpec] = {}  # by key: what the next load of each key reads
+        self._specs: dict[str, AdapterSpec] = {}  # by key: the spec the next load of a key reads
         self._shapes = model_shapes(config.source)
-        self._held: set[str] = set()
         self._metrics = metrics
         self.counts = {"held": 0, "loaded": 0, "failed": 0}  # requests, by outcome
-        from ray import serve
+        reporter = HolderReport(report) if report is not None else None
+        self._cache: AdapterCache[AdapterRef] = AdapterCache(
+            lora.adapters_per_replica,
+            self._load,
+            self._unload,
+            reporter.changed if reporter else lambda k: None,
+        )
 
-        async def load(key: str) -> LoadedAdapter:
-            return await self._load(key)
-
-        # Serve keeps one multiplexing wrapper per function object: this replica's own.
-        self._multiplexed = serve.multiplexed(max_num_models_per_replica=lora.adapters_per_replica)(load)
-
-    async def use(self, spec: AdapterSpec) -> None:
-        """Have `spec` loaded here (marked most recently used); AdapterError if it cannot load."""
+    @contextlib.asynccontextmanager
+    async def use(self, spec: AdapterSpec) -> AsyncIterator[None]:
+        """Hold `spec` loaded here while the block runs; AdapterError if it cannot load."""
         if spec.base != self._config.id:
             raise AdapterError(400, f"adapter '{spec.name}' is not one of model '{self._config.id}'")
-        self._specs[spec.key] = spec
-        outcome = "held" if spec.key in self._held else "loaded"
+        self._specs.setdefault(spec.key, spec)
         try:
-            await self._multiplexed(spec.key)
-        except Exception:
-            outcome = "failed"
+            async with self._cache.hold(spec.key) as held:
+                self._count("held" if held else "loaded")
+                yield
+        except AdapterError:
+            self._count("failed")
             raise
-        finally:
-            self.counts[outcome] += 1
-            if self._metrics is not None:
-                self._metrics.request(outcome)
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        if self._metrics is not None:
+            self._metrics.request(outcome)
 
     async def check(self, spec: AdapterSpec) -> None:
         """Check an adapter's source and files as a load would, loading nothing (admin route)."""
@@ -121,7 +212,7 @@ class ReplicaAdapters:
             )
         return path
 
-    async def _load(self, key: str) -> LoadedAdapter:
+    async def _load(self, key: str) -> AdapterRef:
         spec = self._specs.pop(key)
         path = await asyncio.to_thread(self._checked_path, spec)
         ref = AdapterRef(spec.name, path, next(self._ids))
@@ -131,9 +222,15 @@ class ReplicaAdapters:
         logger.info("adapter %s of %s: loaded in %.3f s", spec.name, self._config.id, seconds)
         if self._metrics is not None:
             self._metrics.loaded(seconds)
-        self._held.add(key)
-        return LoadedAdapter(self._engine, ref, self._held, key)
+        return ref
+
+    async def _unload(self, key: str, ref: AdapterRef) -> None:
+        try:
+            await self._engine.remove_adapter(ref)
+            logger.info("adapter %s of %s: unloaded", ref.name, self._config.id)
+        except Exception as exc:  # an engine that is gone holds nothing any more
+            logger.warning("adapter %s: unload failed: %r", ref.name, exc)
 
     def held(self) -> list[str]:
-        """The keys of the adapters loaded here."""
-        return sorted(self._held)
+        """The keys of the adapters loaded here, least recently used first."""
+        return self._cache.keys()

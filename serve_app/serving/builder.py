@@ -15,6 +15,7 @@ from ray.serve import Application
 from serve_app.config import AppConfig, ConfigError, ModelConfig, load_app_config
 from serve_app.engine import engine_class, engine_for
 from serve_app.engine.protocol import Engine
+from serve_app.guards.adapters import AdapterError, resolve_source
 from serve_app.models.mistral_layout import infer_args
 from serve_app.serving.adapter_registry import REGISTRY_NAME, AdapterRegistry
 from serve_app.serving.adapters import AdapterSpec
@@ -69,6 +70,18 @@ def check_warm_tier(model: ModelConfig, engine_cls: type[Engine]) -> None:
         raise ConfigError(f"model '{model.id}': warm_tier: {why}")
 
 
+def check_adapter_sources(model: ModelConfig) -> None:
+    """The config's local adapter sources lie in the model's `lora.source_dirs` (where it sets
+    them); a replica checks the files themselves when it loads one."""
+    lora = model.lora_options
+    for adapter in model.adapters:
+        assert lora is not None
+        try:
+            resolve_source(adapter.source, lora.source_dirs, from_config=True)
+        except AdapterError as exc:
+            raise ConfigError(f"model '{model.id}': adapter '{adapter.name}': {exc}") from None
+
+
 def _leases(config: AppConfig) -> Application | None:
     """The GPU lease keeper, where some model shares its GPUs (`warm_tier.gpu_group`)."""
     if not any(m.warm_tier is not None and m.warm_tier.gpu_group for m in config.models):
@@ -107,6 +120,7 @@ def build_openai_app(
             engine_class(model.engine).validate(model)
     for model in config.models:
         check_warm_tier(model, engine_cls or engine_for(model))
+        check_adapter_sources(model)
     leases = _leases(config)
     handles = {
         model.deployment_name: serve.deployment(ModelServer)

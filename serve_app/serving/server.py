@@ -18,6 +18,7 @@ from serve_app.guards.adapters import AdapterError
 from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
+from serve_app.serving.ray_compat import report_multiplexed_ids
 from serve_app.serving.reaper import start_reaper
 from serve_app.serving.routing import Affinity, router_config
 from serve_app.serving.streams import coalesce
@@ -94,7 +95,9 @@ class ModelServer:
             self._warm.run()
         lora = config.lora_options is not None
         metrics = AdapterMetrics(config.id, _replica_id()) if lora else None
-        self._adapters = ReplicaAdapters(config, self._engine, metrics) if lora else None
+        self._adapters = (
+            ReplicaAdapters(config, self._engine, metrics, report_multiplexed_ids) if lora else None
+        )
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -146,17 +149,20 @@ class ModelServer:
             await self._warm.enter()
         try:
             yield None
-            if adapter is not None and (refusal := await self._use_adapter(adapter)) is not None:
-                yield refusal
-                return
-            # Chunks that queue while Serve sends earlier ones travel on as one message.
-            interval_s = self._config.stream_batching_interval_ms / 1000
-            stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
-            async with contextlib.aclosing(stream) as items:
-                async for item in items:
-                    if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
-                        self._die()  # the request fails (it may be what killed the engine)
-                    yield item
+            async with contextlib.AsyncExitStack() as adapter_held:
+                if adapter is not None:
+                    refusal = await self._hold_adapter(adapter_held, adapter)
+                    if refusal is not None:
+                        yield refusal
+                        return
+                # Chunks that queue while Serve sends earlier ones travel on as one message.
+                interval_s = self._config.stream_batching_interval_ms / 1000
+                stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
+                async with contextlib.aclosing(stream) as items:
+                    async for item in items:
+                        if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
+                            self._die()  # the request fails (it may be what killed the engine)
+                        yield item
         except Exception:
             if self._engine.dead():
                 self._die()
@@ -165,12 +171,13 @@ class ModelServer:
             if self._warm is not None:
                 self._warm.leave()
 
-    async def _use_adapter(self, adapter: AdapterSpec) -> Head | None:
-        """Load `adapter` here if it is not; the error answer if it cannot be."""
+    async def _hold_adapter(self, stack: contextlib.AsyncExitStack, adapter: AdapterSpec) -> Head | None:
+        """Hold `adapter` loaded here until `stack` closes (loading it if it is not); the error
+        answer if it cannot be."""
         if self._adapters is None:
             return Head(404, error_body(404, f"The model `{adapter.name}` does not exist.", param="model"))
         try:
-            await self._adapters.use(adapter)
+            await stack.enter_async_context(self._adapters.use(adapter))
         except AdapterError as exc:
             logger.warning("model %s: adapter %s cannot load: %s", self._config.id, adapter.name, exc)
             return Head(exc.status, error_body(exc.status, f"adapter '{adapter.name}': {exc}", param="model"))

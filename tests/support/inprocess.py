@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from serve_app.config import AppConfig, ModelConfig, RequestLimits
 from serve_app.engine.protocol import Engine
+from serve_app.serving.adapter_registry import AdapterRegistry
 from serve_app.serving.builder import model_card
 from serve_app.serving.ingress import OpenAIIngress, openai_app
 from serve_app.serving.server import ModelServer
@@ -183,6 +184,8 @@ async def in_process_app(
     stand-in in front of one, by deployment name) and the ingress as the builder binds it."""
     servers = {m.deployment_name: await start_server(m, config.limits) for m in config.models}
     handles = {name: LocalHandle(wrap(name, server)) for name, server in servers.items()}
+    # The book of runtime adapters, where the builder would bind one.
+    with_registry = config.auth.admin is not None and any(m.lora_options for m in config.models)
     ingress = OpenAIIngress(
         handles,  # type: ignore[arg-type]
         [model_card(m) for m in config.models],
@@ -190,6 +193,7 @@ async def in_process_app(
         config.observability,
         config.quotas.share(config.ingress.num_replicas),
         config.limits,
+        LocalHandle(AdapterRegistry()) if with_registry else None,  # type: ignore[arg-type]
     )
     app = openai_app(lambda name: getattr(ingress, name), config.auth.cors_allow_origins)
     return InProcessApp(app, ingress, servers, handles)

@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +45,7 @@ from serve_app.serving.routing import affinity_of
 from serve_app.serving.telemetry import RequestRecord, Telemetry
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 REQUEST_ID_HEADER = "x-request-id"
 _JSON = "application/json"
@@ -163,18 +164,22 @@ class OpenAIIngress:
         return RelayedStream(stream, record, self._finish)
 
     async def _resolve(self, payload: dict[str, Any]) -> tuple[str, ServedModel, AdapterSpec | None]:
-        """The name the body asks for, its model and adapter; a name this replica does not know
-        may be an adapter another ingress replica has just added: the book is read once more."""
+        """The name the body asks for, its model and adapter (ApiError 400/404)."""
+        return await self._fresh(lambda: self._catalog.of_payload(payload))
+
+    async def _fresh(self, lookup: Callable[[], T]) -> T:
+        """`lookup()`, once more after reading the book of runtime adapters if it finds no such
+        model: the name may be an adapter another ingress replica has just added."""
         view = self._admin.view
         if view is not None:
             view.touch()
         try:
-            return self._catalog.of_payload(payload)
+            return lookup()
         except ApiError as error:
             if error.status != 404 or view is None:
                 raise
         await view.refresh_for_miss()
-        return self._catalog.of_payload(payload)
+        return lookup()
 
     async def _admin_call(
         self, request: Request, action: Callable[[dict[str, Any]], Awaitable[str]]
@@ -234,7 +239,7 @@ class OpenAIIngress:
             check_request_id(request)
             self._gate.identify(request)
             self._gate.check_origin(request, has_body=False)
-            model = self._catalog.get(model_id)
+            model = await self._fresh(lambda: self._catalog.get(model_id))
         except ApiError as error:
             return error_response(error)
         record.model = model.card.id

@@ -194,11 +194,11 @@ class ModelServer:
         return None
 
     async def adapters(self) -> dict[str, Any]:
-        """The adapters loaded on this replica (their multiplexed ids), and its adapter requests
-        by outcome (held, loaded, failed)."""
-        if self._adapters is None:
-            return {"held": [], "requests": {}}
-        return {"held": self._adapters.held(), "requests": dict(self._adapters.counts)}
+        """This replica's id, the adapters loaded here (their multiplexed ids, least recently
+        used first), and its adapter requests by outcome (held, loaded, failed)."""
+        held = self._adapters.held() if self._adapters is not None else []
+        counts = dict(self._adapters.counts) if self._adapters is not None else {}
+        return {"replica": _replica_id(), "held": held, "requests": counts}
 
     def _die(self) -> None:
         """The engine is gone for good: end this replica's process at once.

@@ -23,7 +23,8 @@ import pytest
 
 from serve_app.config import ModelConfig, WarmTierOptions, load_app_config, load_serve_file
 from serve_app.engine.fake import FakeEngine
-from serve_app.engine.protocol import Engine, EngineStats, Head, Route, Usage
+from serve_app.engine.protocol import AdapterRef, Engine, EngineStats, Head, Route, Usage
+from serve_app.guards.adapters import AdapterError
 
 if TYPE_CHECKING:
     from serve_app.engine.vllm.patches import Patch
@@ -70,7 +71,13 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     engine: Engine
     if request.param == "fake":
         engine = FakeEngine(
-            ModelConfig(id="tiny-mistral-v3", source="none", engine="fake", engine_args={"tokens_per_s": 200})
+            ModelConfig(
+                id="tiny-mistral-v3",
+                source="none",
+                engine="fake",
+                engine_args={"tokens_per_s": 200},
+                lora={"max_loras": 2, "max_lora_rank": 8},
+            )
         )
     elif request.param == "vllm":
         from serve_app.engine.vllm.engine import VLLMEngine
@@ -578,3 +585,52 @@ def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> 
         assert time.monotonic() < deadline, "the engine core outlived SIGKILL for 10 s"
         time.sleep(0.001)
     assert harness.engine.dead()
+
+
+ADAPTERS = ROOT / "models" / "adapters"
+
+
+def _answers(harness: Harness, model: str, count: int) -> list[tuple[int, str]]:
+    """`count` greedy chats to `model` at once (so that each frontend of several takes some):
+    their statuses and texts."""
+    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}).encode()
+
+    async def one(n: int) -> tuple[int, str]:
+        items = [item async for item in harness.engine.handle(Route.CHAT, body, f"lora-{n}")]
+        head = items[0]
+        assert isinstance(head, Head)
+        answer = json.loads(head.body)
+        if head.status != 200:
+            return head.status, answer["error"]["message"]
+        assert answer["model"] == model
+        return 200, answer["choices"][0]["message"]["content"]
+
+    async def go() -> list[tuple[int, str]]:
+        return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+    return harness.run(go())
+
+
+def test_an_adapter_serves_its_name_until_removed(harness: Harness) -> None:
+    name = "tiny-mistral-v3-lora-1"
+    adapter = AdapterRef(name, str(ADAPTERS / name), lora_id=41)
+    assert {status for status, _ in _answers(harness, name, 1)} == {404}
+    base = _answers(harness, "tiny-mistral-v3", 1)[0][1]
+    harness.run(harness.engine.add_adapter(adapter))
+    try:
+        answers = _answers(harness, name, 4)
+        assert {status for status, _ in answers} == {200}
+        assert (
+            len({text for _, text in answers}) == 1 and answers[0][1] != base
+        )  # its own weights, everywhere
+    finally:
+        harness.run(harness.engine.remove_adapter(adapter))
+    assert {status for status, _ in _answers(harness, name, 2)} == {404}
+
+
+def test_an_adapter_that_cannot_load_is_a_4xx_and_disturbs_nothing(harness: Harness) -> None:
+    with pytest.raises(AdapterError) as err:
+        harness.run(harness.engine.add_adapter(AdapterRef("gone", str(ADAPTERS / "missing"), lora_id=42)))
+    assert 400 <= err.value.status < 500
+    assert {status for status, _ in _answers(harness, "tiny-mistral-v3", 2)} == {200}
+    assert {status for status, _ in _answers(harness, "gone", 1)} == {404}

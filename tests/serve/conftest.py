@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.config import AppConfig, load_app_config, load_serve_file
+from serve_app.config import AppConfig, KeySources, load_app_config, load_serve_file
 from serve_app.engine.protocol import EngineStats
+from serve_app.guards.auth import hash_key
 from serve_app.local.launcher import LocalServe, free_port
 from tests.conftest import ROOT
 
@@ -54,6 +55,7 @@ class RunningApp:
 
 
 TWO_FRONTENDS = "tiny-mistral-v3"
+ADMIN_KEY = "serve-tests-admin-key"
 
 
 @pytest.fixture(scope="package")
@@ -70,7 +72,9 @@ def local_app() -> Iterator[RunningApp]:
     models = tuple(
         m.model_copy(update={"frontends": 2}) if m.id == TWO_FRONTENDS else m for m in config.models
     )
-    config = config.model_copy(update={"models": models})
+    # The admin routes on, with a key of their own (tests/serve/test_adapters.py).
+    auth = config.auth.model_copy(update={"admin": KeySources(api_keys=(hash_key(ADMIN_KEY),))})
+    config = config.model_copy(update={"models": models, "auth": auth})
     # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
     metrics_env = {"RAY_metrics_report_interval_ms": "1000"}
     with LocalServe(dashboard_port=free_port(), env=metrics_env) as local:

@@ -66,6 +66,17 @@ def completion(**extra: Any) -> dict[str, Any]:
 CORPUS: list[tuple[str, str, Any]] = [
     ("chat-greedy", "/v1/chat/completions", chat()),
     ("chat-alias", "/v1/chat/completions", chat(model="mistral-7b-demo")),
+    # LoRA adapters of the config (`vllm serve --enable-lora --lora-modules`): three of them,
+    # for a replica that holds two (max_loras 2), so that one is evicted and loaded again.
+    ("chat-lora-0", "/v1/chat/completions", chat(model=f"{MODEL}-lora-0")),
+    ("chat-lora-1-stream", "/v1/chat/completions", chat(model=f"{MODEL}-lora-1", stream=True)),
+    ("completion-lora-2", "/v1/completions", completion(model=f"{MODEL}-lora-2", logprobs=2)),
+    (
+        "chat-lora-0-again",
+        "/v1/chat/completions",
+        chat(model=f"{MODEL}-lora-0", n=2, temperature=1.0, seed=5),
+    ),
+    ("err-lora-unknown", "/v1/chat/completions", chat(model=f"{MODEL}-lora-7")),
     ("chat-n3-seed", "/v1/chat/completions", chat(n=3, temperature=1.0, seed=7)),
     (
         "chat-sampling",

@@ -47,4 +47,16 @@ def _model_flags(model: ModelConfig, port: int) -> list[str]:
             args.append(flag)
         elif value is not False:
             args += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
+    return args + _lora_flags(model)
+
+
+def _lora_flags(model: ModelConfig) -> list[str]:
+    """The model's LoRA settings and config adapters, as `vllm serve` takes them."""
+    lora = model.lora_options
+    if lora is None:
+        return []
+    args = ["--enable-lora", "--max-loras", str(lora.max_loras), "--max-lora-rank", str(lora.max_lora_rank)]
+    args += ["--max-cpu-loras", str(lora.adapters_per_replica)]
+    if model.adapters:
+        args += ["--lora-modules", *(f"{a.name}={a.source}" for a in model.adapters)]
     return args

@@ -172,12 +172,21 @@ class AdapterConfig(StrictModel):
     """One LoRA adapter of a model, served under its own name (clients send it as `model`)."""
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The name clients send as `model`.")
+    aliases: tuple[str, ...] = Field((), description="Other names clients may send for this adapter.")
     source: str = Field(
         min_length=1,
         description="A local directory (starting with /, ./, ../ or ~) or a Hugging Face repository id "
         "holding the adapter in PEFT's format (adapter_config.json and adapter_model.safetensors). "
         "vLLM does not read Mistral's own LoRA format (mistral-finetune's lora.safetensors).",
     )
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in value:
+            if not re.fullmatch(ADAPTER_NAME_PATTERN, alias):
+                raise ValueError(f"alias {alias[:140]!r} does not match {ADAPTER_NAME_PATTERN}")
+        return value
 
 
 class LoraOptions(StrictModel):
@@ -331,7 +340,7 @@ class ModelConfig(StrictModel):
                 raise ValueError(
                     f"engine_args.{taken[0]}: set by `lora` (max_loras, max_lora_rank, max_adapters_per_replica)"
                 )
-        names = [a.name for a in self.adapters]
+        names = list(self.adapter_names)
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"adapters: the name '{name}' is used twice")
@@ -391,7 +400,8 @@ class ModelConfig(StrictModel):
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.adapters)
+        """Every name that routes to one of the model's adapters (names and aliases)."""
+        return tuple(n for a in self.adapters for n in (a.name, *a.aliases))
 
     @property
     def lora_options(self) -> LoraOptions | None:

@@ -157,7 +157,7 @@ class FakeEngine(Engine):
         self._started = False
         self.asleep = False
         self._cache = PrefixCache(self.args.prefix_block_words, self.args.prefix_cache_blocks)
-        self.adapters: dict[str, AdapterRef] = {}  # loaded, by name
+        self.adapters: dict[str, AdapterRef] = {}  # loaded, by each of their names
 
     @classmethod
     def validate(cls, config: ModelConfig) -> None:
@@ -213,12 +213,13 @@ class FakeEngine(Engine):
         if is_local(adapter.path):
             inspect_adapter(adapter.path, max_rank=lora.max_lora_rank, shapes=None)
         await asyncio.sleep(self.args.adapter_load_s)
-        self.adapters[adapter.name] = adapter
+        self.adapters.update(dict.fromkeys(adapter.names, adapter))
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
-        current = self.adapters.get(adapter.name)
-        if current is not None and current.lora_id == adapter.lora_id:
-            del self.adapters[adapter.name]
+        for name in adapter.names:
+            current = self.adapters.get(name)
+            if current is not None and current.lora_id == adapter.lora_id:
+                del self.adapters[name]
 
     def _parse(self, route: Route, body: bytes) -> tuple[dict[str, Any], list[str], int]:
         try:
@@ -304,6 +305,9 @@ class FakeEngine(Engine):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         created = int(time.time())
         model = str(req.get("model", self.config.id))
+        adapter = self.adapters.get(model)
+        if adapter is not None:
+            model = adapter.name  # as vLLM: an alias's answers say the adapter's name
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n,
@@ -319,7 +323,7 @@ class FakeEngine(Engine):
         }
         await asyncio.sleep(self.args.ttft_s + self.args.prefill_s_per_token * (prompt_tokens - cached))
         gap = 1.0 / self.args.tokens_per_s
-        word = f"{model}-tok" if model in self.adapters else "tok"
+        word = f"{model}-tok" if adapter is not None else "tok"
         if not req.get("stream"):
             await asyncio.sleep(gap * (n - 1))
             text = " ".join(f"{word}{i}" for i in range(n))

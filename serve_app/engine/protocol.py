@@ -62,6 +62,11 @@ class AdapterRef:
     name: str
     path: str
     lora_id: int
+    aliases: tuple[str, ...] = ()  # other names requests may send for it
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 @dataclass(frozen=True, slots=True)

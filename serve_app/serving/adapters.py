@@ -43,6 +43,7 @@ class AdapterSpec:
     base: str  # the id of the model it adapts
     source: str  # as configured or given to the admin route (checked again where it loads)
     revision: int = 0  # 0: from the config; n: the n-th adapter added at run time
+    aliases: tuple[str, ...] = ()  # other names of it (from the config)
 
     @property
     def key(self) -> str:
@@ -215,7 +216,7 @@ class ReplicaAdapters:
     async def _load(self, key: str) -> AdapterRef:
         spec = self._specs.pop(key)
         path = await asyncio.to_thread(self._checked_path, spec)
-        ref = AdapterRef(spec.name, path, next(self._ids))
+        ref = AdapterRef(spec.name, path, next(self._ids), spec.aliases)
         started = time.perf_counter()
         await self._engine.add_adapter(ref)
         seconds = time.perf_counter() - started

@@ -60,7 +60,7 @@ def model_card(model: ModelConfig) -> ModelCard:
         priority_scheduling=model.engine_args.get("scheduling_policy") == "priority",
         routing=model.routing,
         lora=model.lora_options is not None,
-        adapters=tuple(AdapterSpec(a.name, model.id, a.source) for a in model.adapters),
+        adapters=tuple(AdapterSpec(a.name, model.id, a.source, aliases=a.aliases) for a in model.adapters),
     )
 
 

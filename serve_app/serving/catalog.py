@@ -58,16 +58,18 @@ class ServedModel:
             handle = self.adapter_streams[adapter.key] = self.stream.options(multiplexed_model_id=adapter.key)
         return handle
 
-    def adapter_card(self, adapter: AdapterSpec, created: int) -> dict[str, Any]:
-        """The `/v1/models` entry of one of its adapters: `parent` and `root` name this model,
-        as vLLM's name the base model (vLLM's `root` is the adapter's path: not shown here)."""
+    def adapter_card(self, name: str, adapter: AdapterSpec, created: int) -> dict[str, Any]:
+        """The `/v1/models` entry of one of its adapters under `name` (its name or an alias):
+        `parent` and `root` name this model, as vLLM's name the base model (vLLM's `root` is the
+        adapter's path: not shown here)."""
         card: dict[str, Any] = {
-            "id": adapter.name,
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": self.card.owned_by,
             "root": self.card.id,
             "parent": self.card.id,
+            "aliases": [n for n in (adapter.name, *adapter.aliases) if n != name],
         }
         if self.max_model_len is not None:
             card["max_model_len"] = self.max_model_len
@@ -138,7 +140,7 @@ class Catalog:
             model = ServedModel(card, handle, stream_handle(handle), card.max_model_len)
             self._by_name.update(dict.fromkeys(card.names, model))
             self._by_id[card.id] = model
-        self._configured = {a.name: a for card in cards for a in card.adapters}
+        self._configured = {n: a for card in cards for a in card.adapters for n in (a.name, *a.aliases)}
         self._adapters: dict[str, AdapterSpec] = dict(self._configured)
         # Like `vllm serve`, a server of one model lets requests leave `model` out.
         self.only_model = cards[0].id if len(cards) == 1 else None
@@ -180,7 +182,9 @@ class Catalog:
     def card(self, name: str, created: int) -> dict[str, Any]:
         """The `/v1/models` entry of `name`; ApiError 404 if it names nothing served."""
         model, adapter = self.resolve(name)
-        return model.to_openai(name, created) if adapter is None else model.adapter_card(adapter, created)
+        return (
+            model.to_openai(name, created) if adapter is None else model.adapter_card(name, adapter, created)
+        )
 
     # --- adapters added at run time (serve_app.serving.adapter_registry) ---------------------
 

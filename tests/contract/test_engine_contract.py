@@ -590,9 +590,9 @@ def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> 
 ADAPTERS = ROOT / "models" / "adapters"
 
 
-def _answers(harness: Harness, model: str, count: int) -> list[tuple[int, str]]:
+def _answers(harness: Harness, model: str, count: int, named: str | None = None) -> list[tuple[int, str]]:
     """`count` greedy chats to `model` at once (so that each frontend of several takes some):
-    their statuses and texts."""
+    their statuses and texts; each answer says it is `named`'s (default: `model`)."""
     body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}).encode()
 
     async def one(n: int) -> tuple[int, str]:
@@ -602,7 +602,7 @@ def _answers(harness: Harness, model: str, count: int) -> list[tuple[int, str]]:
         answer = json.loads(head.body)
         if head.status != 200:
             return head.status, answer["error"]["message"]
-        assert answer["model"] == model
+        assert answer["model"] == (named or model)
         return 200, answer["choices"][0]["message"]["content"]
 
     async def go() -> list[tuple[int, str]]:
@@ -613,7 +613,7 @@ def _answers(harness: Harness, model: str, count: int) -> list[tuple[int, str]]:
 
 def test_an_adapter_serves_its_name_until_removed(harness: Harness) -> None:
     name = "tiny-mistral-v3-lora-1"
-    adapter = AdapterRef(name, str(ADAPTERS / name), lora_id=41)
+    adapter = AdapterRef(name, str(ADAPTERS / name), lora_id=41, aliases=("lora-one",))
     assert {status for status, _ in _answers(harness, name, 1)} == {404}
     base = _answers(harness, "tiny-mistral-v3", 1)[0][1]
     harness.run(harness.engine.add_adapter(adapter))

@@ -20,7 +20,8 @@ ADMIN = {"Authorization": "Bearer admin-key"}
 
 def _model(source_dir: Path = DEMO, **extra: Any) -> dict[str, Any]:
     lora = {"max_loras": 1, "max_lora_rank": 8, "source_dirs": [str(source_dir)]}
-    return fake(BASE, lora=lora, adapters=[{"name": LORA[0], "source": str(source_dir / LORA[0])}], **extra)
+    adapter = {"name": LORA[0], "aliases": ["support-bot"], "source": str(source_dir / LORA[0])}
+    return fake(BASE, lora=lora, adapters=[adapter], **extra)
 
 
 def test_an_adapter_is_served_by_its_name_and_listed_under_its_base(access_log: list[dict[str, Any]]) -> None:
@@ -34,14 +35,22 @@ def test_an_adapter_is_served_by_its_name_and_listed_under_its_base(access_log: 
             )
             base = (await http.post(CHAT, json=chat(BASE))).json()
             assert base["choices"][0]["message"]["content"].startswith("tok0")
+            by_alias = (await http.post(CHAT, json=chat("support-bot"))).json()
+            assert by_alias["model"] == LORA[0] and by_alias["choices"] == answer["choices"]
             listed = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
             assert listed[LORA[0]]["parent"] == BASE and listed[LORA[0]]["root"] == BASE
+            assert listed["support-bot"]["parent"] == BASE and listed["support-bot"]["aliases"] == [LORA[0]]
             assert (await http.get(f"/v1/models/{LORA[0]}")).json()["parent"] == BASE
             assert (await http.post(CHAT, json=chat(LORA[1]))).status_code == 404
         (handle,) = app.handles.values()
         assert handle.keywords[0]["adapter"].name == LORA[0] and "adapter" not in handle.keywords[1]
+        assert handle.keywords[2]["adapter"] == handle.keywords[0]["adapter"]  # the alias: the same adapter
         lines = [e for e in access_log if e["route"] == "chat"]
-        assert [(e["model"], e["adapter"]) for e in lines[:2]] == [(BASE, LORA[0]), (BASE, None)]
+        assert [(e["model"], e["adapter"]) for e in lines[:3]] == [
+            (BASE, LORA[0]),
+            (BASE, None),
+            (BASE, LORA[0]),
+        ]
 
     serve(config(_model()), scenario)
 

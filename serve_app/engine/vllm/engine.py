@@ -263,14 +263,16 @@ class VLLMEngine(Engine):
             await self._client.add_lora(request)
         except Exception as exc:  # vLLM's reason: files, rank, target modules...
             raise AdapterError(400, f"vLLM could not load the adapter: {exc}") from None
-        self._models.lora_requests[adapter.name] = request
+        for name in adapter.names:  # an alias names the same request (answers say its name)
+            self._models.lora_requests[name] = request
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         """Unname the adapter (unless a later load took its name) and drop it from the engine
         core; a request in flight keeps its weights (vLLM reloads them for it)."""
-        current = self._models.lora_requests.get(adapter.name)
-        if current is not None and current.lora_int_id == adapter.lora_id:
-            del self._models.lora_requests[adapter.name]
+        for name in adapter.names:
+            current = self._models.lora_requests.get(name)
+            if current is not None and current.lora_int_id == adapter.lora_id:
+                del self._models.lora_requests[name]
         await self._client.remove_lora(adapter.lora_id)
 
     async def handle(self, route: Route, body: bytes, request_id: str) -> AsyncIterator[Head | bytes | Usage]:

@@ -8,6 +8,8 @@ base model's and from each other's. vLLM loads them as it loads any PEFT adapter
 (`--enable-lora --lora-modules name=path`).
 
 Usage: python -m serve_app.models.adapters [MODELS_DIR]   (default: ./models)
+       python -m serve_app.models.adapters OUT_DIR --base-model DIR [--count 8] [--rank 16]
+           (adapters of the same form for any local base model, e.g. a GPU benchmark's)
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.guards.adapters import ModelShapes, model_shapes
 from serve_app.models import demo
 
 ADAPTERS_DIR = "adapters"  # under the models directory: models/adapters/<name>
 RANK = 8
 ALPHA = 16
-# (PEFT module name, in features, out features) of one decoder layer of the demo models.
-_MODULES = (
-    ("self_attn.q_proj", demo.DIM, demo.N_HEADS * demo.HEAD_DIM),
-    ("self_attn.k_proj", demo.DIM, demo.N_KV_HEADS * demo.HEAD_DIM),
-    ("self_attn.v_proj", demo.DIM, demo.N_KV_HEADS * demo.HEAD_DIM),
-    ("self_attn.o_proj", demo.N_HEADS * demo.HEAD_DIM, demo.DIM),
-    ("mlp.gate_proj", demo.DIM, demo.HIDDEN_DIM),
-    ("mlp.up_proj", demo.DIM, demo.HIDDEN_DIM),
-    ("mlp.down_proj", demo.HIDDEN_DIM, demo.DIM),
+# The PEFT names of the modules each decoder layer adapts (its attention and MLP).
+_MODULES: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MODULES += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DEMO_SHAPES = ModelShapes(
+    layers=demo.N_LAYERS,
+    hidden=demo.DIM,
+    q_out=demo.N_HEADS * demo.HEAD_DIM,
+    kv_out=demo.N_KV_HEADS * demo.HEAD_DIM,
+    intermediate=demo.HIDDEN_DIM,
 )
 
 
@@ -64,21 +67,24 @@ def adapter_config(adapter: DemoAdapter) -> dict[str, object]:
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
-        "target_modules": sorted(m.rsplit(".", 1)[1] for m, _, _ in _MODULES),
+        "target_modules": sorted(m.rsplit(".", 1)[1] for m in _MODULES),
         "modules_to_save": None,
         "use_rslora": False,
         "use_dora": False,
     }
 
 
-def _weights(adapter: DemoAdapter) -> dict[str, object]:
+def _weights(adapter: DemoAdapter, shapes: ModelShapes) -> dict[str, object]:
     import torch
 
     seed = int.from_bytes(hashlib.sha256(adapter.name.encode()).digest()[:4], "big")
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, object] = {}
-    for layer in range(demo.N_LAYERS):
-        for module, fan_in, fan_out in _MODULES:
+    for layer in range(shapes.layers):
+        for module in _MODULES:
+            sizes = shapes.module(module.rsplit(".", 1)[1])
+            assert sizes is not None
+            fan_in, fan_out = sizes
             prefix = f"base_model.model.model.layers.{layer}.{module}"
             # B is not zero (PEFT's initial value): the adapter must change the answers.
             a = torch.randn(adapter.rank, fan_in, generator=gen) / fan_in**0.5
@@ -88,11 +94,11 @@ def _weights(adapter: DemoAdapter) -> dict[str, object]:
     return tensors
 
 
-def write_adapter(adapter: DemoAdapter, models_dir: Path) -> Path:
-    """Write one adapter to `models_dir/adapters/<name>`; skip when it is already complete."""
+def write_adapter(adapter: DemoAdapter, out_dir: Path, shapes: ModelShapes = DEMO_SHAPES) -> Path:
+    """Write one adapter of a model of `shapes` to `out_dir/<name>`; skip when it is already complete."""
     from safetensors.torch import save_file
 
-    target = models_dir / ADAPTERS_DIR / adapter.name
+    target = out_dir / adapter.name
     config = adapter_config(adapter)
     config_file = target / "adapter_config.json"
     if (
@@ -105,7 +111,7 @@ def write_adapter(adapter: DemoAdapter, models_dir: Path) -> Path:
     tmp = target.parent / f".{adapter.name}.tmp"  # renamed into place: no half adapter
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_weights(adapter), str(tmp / "adapter_model.safetensors"))
+    save_file(_weights(adapter, shapes), str(tmp / "adapter_model.safetensors"))
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -114,15 +120,36 @@ def write_adapter(adapter: DemoAdapter, models_dir: Path) -> Path:
 
 
 def write_all(models_dir: Path) -> list[Path]:
-    return [write_adapter(a, models_dir) for a in DEMO_ADAPTERS]
+    return [write_adapter(a, models_dir / ADAPTERS_DIR) for a in DEMO_ADAPTERS]
+
+
+def write_for(base: Path, out_dir: Path, count: int, rank: int) -> list[Path]:
+    """`count` adapters of rank `rank` for the local model at `base` (its params.json or
+    config.json gives the shapes), named `<base dir name>-lora-<i>`."""
+    shapes = model_shapes(str(base.resolve()))
+    if shapes is None:
+        raise SystemExit(f"{base}: no params.json or config.json with the model's sizes")
+    adapters = [
+        DemoAdapter(f"{base.resolve().name}-lora-{i}", base.resolve().name, rank) for i in range(count)
+    ]
+    return [write_adapter(a, out_dir, shapes) for a in adapters]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("models_dir", nargs="?", default="models", type=Path)
+    parser.add_argument("out_dir", nargs="?", default="models", type=Path)
+    parser.add_argument("--base-model", type=Path, help="adapters of this local model, not the demo models'")
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
-    print(f"Writing demo LoRA adapters to {args.models_dir / ADAPTERS_DIR}/ (PEFT format, random weights)")
-    write_all(args.models_dir)
+    if args.base_model is not None:
+        print(
+            f"Writing {args.count} LoRA adapters of {args.base_model} to {args.out_dir}/ (rank {args.rank})"
+        )
+        write_for(args.base_model, args.out_dir, args.count, args.rank)
+        return 0
+    print(f"Writing demo LoRA adapters to {args.out_dir / ADAPTERS_DIR}/ (PEFT format, random weights)")
+    write_all(args.out_dir)
     return 0
 
 

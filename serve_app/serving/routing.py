@@ -23,8 +23,13 @@ autoscaling adds or removes a replica, only the keys that it ranks first move.
 A request for a LoRA adapter (Serve's multiplexed model id, serve_app.serving.adapters) goes to
 a replica that holds the adapter, as Serve reports them: the first of them in the adapter's
 rendezvous ranking. Where none holds it, it goes to the replica holding the fewest adapters
-(the first in the ranking among equals), which then loads it. The load guard applies as below:
-a holder past it passes the request to the next replica, which then holds the adapter too.
+(the first in the ranking among equals), which then loads it. Its load guard is wider than a
+prefix's: a holder keeps its adapters' requests while its queue is less than a quarter of its
+`max_ongoing_requests` over the least loaded replica's. A request sent past a holder costs a
+load there and, on a full replica, the eviction of another adapter, whose next request then
+misses in turn; a few more requests in an engine's batch cost little. Measured on the CPU
+(docs/benchmarks.md): with the prefix guard, random traffic over 8 adapters at 8 streams found
+its adapter held 69% of the time with room for all 8; past it, the busy adapter is held twice.
 
 The load guard bounds the imbalance, as SGLang's cache-aware router does: a replica keeps its
 keys while its queue is less than a slack over the least loaded replica's queue, the slack being
@@ -53,6 +58,7 @@ PREFIX_CHARS = 256  # of a completion prompt: short enough to be in its first tu
 PREFIX_TOKENS = 64  # the same for a prompt of token ids
 SLACK_SHARE = 0.25  # of the mean queue: how far over the least loaded a replica keeps its keys
 MIN_SLACK = 2  # (at least this many requests)
+ADAPTER_SLACK_SHARE = 0.25  # of a replica's max_ongoing_requests: the same for an adapter's holder
 ROUTER_CLASS = f"{__name__}.AffinityRouter"
 
 
@@ -135,7 +141,12 @@ def bounded_choice(
     replica's; `loads[i]` is replica i's queue, None if unknown (taken as free). The slack is
     `share` of the mean queue, at least `least` requests."""
     counted = [load or 0 for load in loads]
-    slack = max(least, math.ceil(share * sum(counted) / len(counted)))
+    return within_slack(order, counted, max(least, math.ceil(share * sum(counted) / len(counted))))
+
+
+def within_slack(order: Sequence[int], loads: Sequence[int | None], slack: int) -> int:
+    """The first replica of `order` whose queue is less than `slack` over the least loaded's."""
+    counted = [load or 0 for load in loads]
     bound = min(counted) + slack
     for index in order:
         if counted[index] < bound:
@@ -188,7 +199,9 @@ class AffinityRouter(RequestRouter):  # type: ignore[misc]
             [r.multiplexed_model_ids for r in candidates],
         )
         cache = self._replica_queue_len_cache
-        chosen = bounded_choice(order, [cache.get(r.replica_id) for r in candidates], *self._slack)
+        capacity = min(r.max_ongoing_requests for r in candidates)
+        slack = max(MIN_SLACK, math.ceil(ADAPTER_SLACK_SHARE * capacity))
+        chosen = within_slack(order, [cache.get(r.replica_id) for r in candidates], slack)
         return [[candidates[chosen]], [candidates[i] for i in order if i != chosen]]
 
 

@@ -314,7 +314,7 @@ def test_an_adapters_requests_go_to_its_holders_then_to_the_emptiest_replica() -
 class HoldingReplica:
     replica_id: ReplicaID
     multiplexed_model_ids: set[str]
-    max_ongoing_requests: int = 8
+    max_ongoing_requests: int = 64
 
 
 def test_the_router_sends_an_adapter_to_a_holder_unless_it_is_overloaded() -> None:
@@ -333,7 +333,11 @@ def test_the_router_sends_an_adapter_to_a_holder_unless_it_is_overloaded() -> No
         metadata = RequestMetadata(request_id="r", internal_request_id="i", multiplexed_model_id="lora-a")
         pending = PendingRequest(args=[], kwargs={}, metadata=metadata, future=asyncio.Future())
         assert await router.choose_replicas(replicas, pending) == [[replicas[1]], [replicas[0]]]
-        router.replica_queue_len_cache.update(replicas[1].replica_id, 6)
+        # A holder keeps its adapter within a quarter of its capacity (64) over the least loaded.
+        router.replica_queue_len_cache.update(replicas[1].replica_id, 15)
+        router.replica_queue_len_cache.update(replicas[0].replica_id, 0)
+        assert (await router.choose_replicas(replicas, pending))[0] == [replicas[1]]
+        router.replica_queue_len_cache.update(replicas[1].replica_id, 16)
         router.replica_queue_len_cache.update(replicas[0].replica_id, 0)
         assert (await router.choose_replicas(replicas, pending))[0] == [replicas[0]]
 

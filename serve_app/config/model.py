@@ -15,6 +15,12 @@ DEFAULT_MAX_NUM_SEQS = 256
 VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a `source` names a local directory (/, ./, ../ or ~); anything else is a Hugging
+    Face repository id."""
+    return source.startswith(("/", "./", "../", "~"))
+
+
 class AutoscalingOptions(StrictModel):
     """Autoscaling of one model, driven by mistral-serve's LLM-aware policy.
 

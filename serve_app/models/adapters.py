@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.guards.adapters import ModelShapes, model_shapes
 from serve_app.models import demo
+from serve_app.models.shapes import ModelShapes, model_shapes
 
 ADAPTERS_DIR = "adapters"  # under the models directory: models/adapters/<name>
 RANK = 8

@@ -28,7 +28,8 @@ from typing import Generic, TypeVar
 
 from serve_app.config import ModelConfig
 from serve_app.engine.protocol import AdapterRef, Engine
-from serve_app.guards.adapters import AdapterError, inspect_adapter, is_local, model_shapes, resolve_source
+from serve_app.guards.adapters import AdapterError, inspect_adapter, is_local, resolve_source
+from serve_app.models.shapes import model_shapes
 from serve_app.serving.telemetry import AdapterMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -60,8 +61,9 @@ class AdapterCache(Generic[T]):
     """Loaded values by key, least recently used first out past `capacity`, never one in use.
 
     `hold(key)` loads the key's value once however many callers wait for it, marks it most
-    recently used, and keeps it from eviction until the caller is done. `on_change(keys)` hears
-    the keys loaded or loading after each change."""
+    recently used, and keeps it from eviction until the caller is done. Evictions run in a task
+    of their own: a caller that is cancelled (its client left) never cuts an unload short.
+    `on_change(keys)` hears the keys loaded or loading after each change."""
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class AdapterCache(Generic[T]):
         self._loaded: OrderedDict[str, T] = OrderedDict()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._pins: Counter[str] = Counter()
+        self._evicting: asyncio.Task[None] | None = None
 
     def keys(self) -> list[str]:
         """Loaded keys, least recently used first."""
@@ -90,13 +93,22 @@ class AdapterCache(Generic[T]):
                 self._loaded.move_to_end(key)
             else:
                 await self._ensure(key)
-                await self._evict()  # make room now (this key is pinned)
+                self._schedule_eviction()  # make room now (this key is pinned)
             yield held
         finally:
             self._pins[key] -= 1
             if not self._pins[key]:
                 del self._pins[key]
-            await self._evict()
+            self._schedule_eviction()
+
+    async def settled(self) -> None:
+        """Wait for the evictions under way (tests, diagnostics)."""
+        while self._evicting is not None and not self._evicting.done():
+            await asyncio.shield(self._evicting)
+
+    def _schedule_eviction(self) -> None:
+        if len(self._loaded) > self.capacity and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.ensure_future(self._evict())
 
     async def _ensure(self, key: str) -> None:
         """Load `key` (or wait for its load under way). The load runs on its own: a caller that
@@ -123,7 +135,10 @@ class AdapterCache(Generic[T]):
                 return  # all in use: the next release evicts
             value = self._loaded.pop(victim)
             self._changed()
-            await self._unload(victim, value)
+            try:
+                await self._unload(victim, value)
+            except Exception as exc:  # the value is out of the cache all the same
+                logger.warning("unloading %s failed: %r", victim, exc)
 
     def _changed(self) -> None:
         self._on_change([*self._loaded, *self._loading])
@@ -235,3 +250,7 @@ class ReplicaAdapters:
     def held(self) -> list[str]:
         """The keys of the adapters loaded here, least recently used first."""
         return self._cache.keys()
+
+    async def settled(self) -> None:
+        """Wait for the evictions under way."""
+        await self._cache.settled()

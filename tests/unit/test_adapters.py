@@ -19,8 +19,9 @@ from ray.serve.request_router import PendingRequest
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.engine.fake import FakeEngine
 from serve_app.engine.protocol import AdapterRef
-from serve_app.guards.adapters import AdapterError, ModelShapes, inspect_adapter, model_shapes, resolve_source
+from serve_app.guards.adapters import AdapterError, inspect_adapter, resolve_source
 from serve_app.models import adapters as demo_adapters
+from serve_app.models.shapes import ModelShapes, model_shapes
 from serve_app.serving.adapter_registry import AdapterRegistry
 from serve_app.serving.adapters import AdapterCache, AdapterSpec, ReplicaAdapters
 from serve_app.serving.routing import AffinityRouter, adapter_order, rank, router_config
@@ -207,6 +208,7 @@ def test_the_cache_evicts_the_least_recently_used_past_its_capacity() -> None:
         for key in ("a", "b", "a", "c"):
             async with cache.hold(key):
                 pass
+            await cache.settled()
         assert loads.loaded == ["a", "b", "c"] and loads.unloaded == ["b"] and cache.keys() == ["a", "c"]
         assert loads.changes[-1] == ["a", "c"]
 
@@ -220,9 +222,38 @@ def test_an_adapter_in_use_is_not_evicted_until_its_requests_end() -> None:
         async with cache.hold("a") as held_a:
             async with cache.hold("b") as held_b:
                 assert (held_a, held_b) == (False, False)
+                await cache.settled()
                 assert cache.keys() == ["a", "b"] and loads.unloaded == []  # both in use: over capacity
+            await cache.settled()
             assert loads.unloaded == ["b"]  # "a" is still in use: "b", done, is the one to go
+        await cache.settled()
         assert cache.keys() == ["a"] and loads.unloaded == ["b"]
+
+
+def test_a_caller_cancelled_after_its_request_does_not_cut_an_unload_short() -> None:
+    async def go() -> None:
+        loads = Loads()
+        slow = asyncio.Event()
+
+        async def unload(key: str, value: str) -> None:
+            await slow.wait()
+            loads.unloaded.append(key)
+
+        cache: AdapterCache[str] = AdapterCache(1, loads.load, unload)
+        async with cache.hold("a"):
+            pass
+
+        async def request() -> None:
+            async with cache.hold("b"):
+                pass
+            await asyncio.Event().wait()  # the client's connection closes now: cancelled
+
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        slow.set()
+        await cache.settled()
+        assert loads.unloaded == ["a"] and cache.keys() == ["b"]
 
     asyncio.run(go())
 
@@ -283,6 +314,7 @@ def test_a_replica_loads_adapters_into_its_engine_and_counts_requests_by_outcome
         for spec in (specs[0], specs[0], specs[1]):
             async with adapters.use(spec):
                 assert spec.name in engine.adapters
+        await adapters.settled()
         assert list(engine.adapters) == [specs[1].name] and adapters.held() == [specs[1].key]
         assert adapters.counts == {"held": 1, "loaded": 2, "failed": 0}
         escape = AdapterSpec("x", V3, str(DEMO / ".." / V3), revision=9)

@@ -23,7 +23,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),
     "models": {"config", "errors"},
-    "guards": {"config", "errors"},
+    "guards": {"config", "errors", "models"},  # a checkpoint's layout (LoRA adapters must fit it)
     "engine": {"config", "errors", "guards"},
     "serving": {"config", "errors", "models", "engine", "guards"},
     "local": {"config", "errors", "models", "engine", "guards", "serving"},

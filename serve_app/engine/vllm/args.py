@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from serve_app.config import ConfigError, ModelConfig
+from serve_app.config.model import is_local_source
 from serve_app.engine.vllm.compat import CLI_ARGS_MODULES, import_first
 
 # vLLM's allow-list of media hosts where the config allows none (vLLM reads [] as any host).
@@ -137,7 +138,7 @@ def sleep_unsupported(config: ModelConfig) -> str | None:
 def check_source(config: ModelConfig) -> None:
     """A local source must be a directory; anything else is a Hugging Face repository id."""
     source = config.source
-    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
+    if is_local_source(source) and not Path(source).expanduser().is_dir():
         raise FileNotFoundError(
             f"model '{config.id}': source directory {source} does not exist "
             "(for the demo models run `make models`)"

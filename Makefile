@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json $(MODELS_DIR)/adapters/tiny-mistral-v3-lora-0/adapter_config.json
 
-.PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns soak
+.PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns bench-adapters soak
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -55,6 +55,12 @@ bench: install models
 TURNS_CONFIG ?= configs/bench-cpu-turns.yaml
 bench-turns: install models
 	$(PY) -m serve_app.tools.bench.turns $(TURNS_CONFIG) $(BENCH_ARGS)
+
+# LoRA adapters: a first request's cost, and mixed adapter traffic against base traffic, per
+# max_adapters_per_replica (serve_app/tools/bench/adapters.py).
+ADAPTERS_CONFIG ?= configs/bench-cpu-adapters.yaml
+bench-adapters: install models
+	$(PY) -m serve_app.tools.bench.adapters $(ADAPTERS_CONFIG) $(BENCH_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)

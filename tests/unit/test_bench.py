@@ -477,3 +477,137 @@ def test_the_plot_has_a_row_per_mode_and_reads_reports_of_before(tmp_path: Path)
     plot_report({"conditions": old, "results": one}, tmp_path / "one.png")
     two_h, one_h = (Image.open(tmp_path / f"{n}.png").size[1] for n in ("two", "one"))
     assert two_h == 2 * one_h  # a row of panels per mode
+
+
+# --- the LoRA adapter benchmark (serve_app.tools.bench.adapters) -----------------------------
+
+
+def _lora_model(**lora: Any) -> ModelConfig:
+    return ModelConfig(
+        id="tiny",
+        source="./models/tiny",
+        adapters=[{"name": f"tiny-lora-{i}", "source": f"./models/adapters/tiny-lora-{i}"} for i in range(8)],
+        lora={"max_loras": 2, "max_lora_rank": 8, **lora},
+    )
+
+
+def test_adapter_bench_redeploys_the_model_with_each_cap_and_refuses_one_under_max_loras() -> None:
+    from serve_app.config import AppConfig
+    from serve_app.tools.bench.adapters import chosen_adapters, with_per_replica
+
+    model = _lora_model()
+    config = AppConfig(models=(model,))
+    served = with_per_replica(config, model, 4).models[0]
+    assert served.lora_options is not None and served.lora_options.adapters_per_replica == 4
+    assert served.lora_options.max_loras == 2 and served.adapters == model.adapters
+    assert model.lora_options is not None and model.lora_options.adapters_per_replica == 2  # unchanged
+    with pytest.raises(BenchError, match="--per-replica 1"):
+        with_per_replica(config, model, 1)
+    bare = ModelConfig(id="bare", source="./models/bare")
+    with pytest.raises(BenchError, match="no LoRA adapters"):
+        with_per_replica(AppConfig(models=(bare,)), bare, 2)
+    assert chosen_adapters(model, 3) == ["tiny-lora-0", "tiny-lora-1", "tiny-lora-2"]
+    assert len(chosen_adapters(model, None)) == 8
+    with pytest.raises(BenchError, match="lists 8"):
+        chosen_adapters(model, 9)
+
+
+def test_mixed_traffic_names_every_adapter_about_evenly_and_repeats_with_its_seed() -> None:
+    from serve_app.tools.bench.adapters import mixed_models
+
+    names = [f"a{i}" for i in range(8)]
+    drawn = mixed_models(names, 800, seed=0)
+    assert drawn == mixed_models(names, 800, seed=0) != mixed_models(names, 800, seed=1)
+    assert set(drawn) == set(names)
+    assert all(60 <= drawn.count(n) <= 140 for n in names)
+
+
+def test_held_share_is_held_over_all_adapter_requests_in_all_and_per_replica() -> None:
+    from serve_app.tools.bench.adapters import held_share, loads, outcomes
+
+    counts = {
+        "requests": {"r1": 10.0, "r2": 6.0, "r3": 0.0},
+        "held": {"r1": 6.0, "r2": 1.0},
+        "loaded": {"r1": 4.0, "r2": 4.0},
+        "failed": {"r2": 1.0},
+        "loads": {"r1": 4.0, "r2": 5.0},
+        "load_seconds": {"r1": 2.0, "r2": 2.5},
+    }
+    got = outcomes(counts)
+    assert (got["held"], got["loaded"], got["failed"], got["held_share"]) == (7, 8, 1, 0.4375)
+    assert got["per_replica"] == {
+        "r1": {"serve_requests": 10, "held": 6, "loaded": 4, "failed": 0, "held_share": 0.6},
+        "r2": {"serve_requests": 6, "held": 1, "loaded": 4, "failed": 1, "held_share": 0.1667},
+    }
+    assert loads(counts) == {"loads": 9, "load_seconds_mean": 0.5, "load_seconds_buckets": {}}
+    buckets = {
+        "load_le_0.1": {"r1": 1.0, "r2": 2.0},
+        "load_le_+Inf": {"r1": 4.0, "r2": 5.0},
+        "load_le_1.0": {"r1": 4.0},
+    }
+    assert loads({**counts, **buckets})["load_seconds_buckets"] == {"0.1": 3, "1.0": 4, "+Inf": 9}
+    # A base-model load: Serve counted requests, no replica saw an adapter.
+    base = outcomes({"requests": {"r1": 3.0}})
+    assert base["held_share"] is None and base["per_replica"]["r1"]["held_share"] is None
+    assert loads({}) == {"loads": 0, "load_seconds_mean": None, "load_seconds_buckets": {}}
+    assert held_share({"held": 3.0}) == 1.0
+
+
+def test_first_request_figures_pair_each_adapters_first_and_second_request() -> None:
+    from serve_app.tools.bench.adapters import FirstPair, first_figures
+
+    def answered(ttft_s: float) -> Result:
+        return Result(0.0, 1.0, ttft_s=ttft_s, done=True)
+
+    failed = Result(0.0, 1.0, error="HTTP 404: no such adapter")
+    pairs = [
+        FirstPair("a0", answered(0.9), answered(0.1)),
+        FirstPair("a1", answered(0.5), answered(0.1)),
+        FirstPair("a2", failed, answered(0.3)),
+    ]
+    counts = {"loads": {"r1": 2.0}, "load_seconds": {"r1": 0.6}, "loaded": {"r1": 2.0}, "held": {"r1": 2.0}}
+    got = first_figures(pairs, counts)
+    assert got["first_ttft_p50_ms"] == 700.0  # of the two that answered
+    assert got["second_ttft_p50_ms"] == 100.0
+    assert got["added_ttft_p50_ms"] == pytest.approx(600.0)
+    assert got["errors"] == 1 and got["adapters"][2]["errors"] == ["HTTP 404: no such adapter"]
+    assert got["adapters"][2]["added_ms"] is None
+    assert got["load_seconds_mean"] == 0.3 and got["adapter_requests"]["held_share"] == 0.5
+
+
+def test_the_scrape_counts_adapter_requests_by_outcome_and_serves_requests_by_deployment() -> None:
+    from serve_app.tools.bench.adapters import (
+        ADAPTER_METRICS,
+        ADAPTER_REQUESTS,
+        LOAD_SECONDS_BUCKET,
+        LOAD_SECONDS_SUM,
+    )
+    from serve_app.tools.bench.targets import APP
+    from serve_app.tools.bench.turns import SERVE_REQUESTS, _kind_of
+
+    model = _lora_model()
+    ours = {"model": "tiny", "replica": "r1", "outcome": "held"}
+    assert _kind_of(ADAPTER_REQUESTS, ours, model, ADAPTER_METRICS) == "held"
+    assert _kind_of(ADAPTER_REQUESTS, {**ours, "model": "other"}, model, ADAPTER_METRICS) is None
+    assert (
+        _kind_of(LOAD_SECONDS_SUM, {"model": "tiny", "replica": "r1"}, model, ADAPTER_METRICS)
+        == "load_seconds"
+    )
+    bucket = {"model": "tiny", "replica": "r1", "le": "0.25"}
+    assert _kind_of(LOAD_SECONDS_BUCKET, bucket, model, ADAPTER_METRICS) == "load_le_0.25"
+    serve = {"application": APP, "deployment": model.deployment_name, "replica": "r1"}
+    assert _kind_of(SERVE_REQUESTS, serve, model, ADAPTER_METRICS) == "requests"
+    assert _kind_of(SERVE_REQUESTS, {**serve, "application": "another"}, model, ADAPTER_METRICS) is None
+    assert _kind_of(ADAPTER_REQUESTS, {"model": "tiny", "outcome": "held"}, model, ADAPTER_METRICS) is None
+
+
+def test_adapter_bench_options() -> None:
+    from serve_app.tools.bench.adapters import parse_args as adapter_args
+
+    args = adapter_args(["configs/bench-cpu-adapters.yaml"])
+    assert args.per_replica == [2, 4] and args.requests == 192 and args.concurrency == 8
+    assert args.adapters is None and args.first == 3
+    assert adapter_args(["c.yaml", "--per-replica", "4"]).per_replica == [4]
+    for bad in (["--per-replica", "0"], ["--per-replica", "x"], ["--requests", "0"], ["--adapters", "2"]):
+        with pytest.raises(SystemExit):
+            adapter_args(["c.yaml", *bad])

@@ -35,7 +35,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
-from serve_app.serving.routing import SESSION_HEADER
 from serve_app.tools.bench.driver import machine
 from serve_app.tools.bench.report import ms, percentile, summarize
 from serve_app.tools.bench.targets import APP, BenchError, OurApp, load_bench_model
@@ -101,6 +100,8 @@ class Turns:
 
 
 def _chat(model: str, messages: list[dict[str, str]], output_tokens: int, kind: str, session: str) -> Call:
+    from serve_app.serving.routing import SESSION_HEADER  # imports Ray Serve: not on import of this module
+
     body = {
         "model": model,
         "messages": messages,
@@ -167,30 +168,44 @@ def single_turn(
 # --- what the replicas say -----------------------------------------------------------------
 
 
-def _scrape(model: ModelConfig) -> dict[str, dict[str, float]]:
-    """Per replica of `model`: the requests Serve counted, and its engine's prefix-cache counts,
-    summed over Ray's metrics endpoints (each node's). Replicas are known by Serve's unique id."""
+# The samples `_scrape` reads by default, and the kind each is counted under.
+ROUTING_METRICS = {SERVE_REQUESTS: "requests", PREFIX_QUERIES: "queries", PREFIX_HITS: "hits"}
+
+
+def _kind_of(name: str, labels: dict[str, str], model: ModelConfig, wanted: Mapping[str, str]) -> str | None:
+    """The kind a sample counts under (`wanted[name]`, its `{label}`s filled from the sample's
+    labels), or None if it is not one of `model`'s replicas'. Serve's own counter ("requests")
+    is known by application and deployment, ours by the model label."""
+    kind = wanted.get(name)
+    if kind is None or "replica" not in labels:
+        return None
+    if kind == "requests":
+        serves = labels.get("application") == APP and labels.get("deployment") == model.deployment_name
+        return kind if serves else None
+    return kind.format_map(labels) if labels.get("model") == model.id else None
+
+
+def _scrape(model: ModelConfig, wanted: Mapping[str, str] = ROUTING_METRICS) -> dict[str, dict[str, float]]:
+    """Per kind of `wanted` (by default: the requests Serve counted, and the engine's prefix-cache
+    counts), per replica of `model`: the samples' sum over Ray's metrics endpoints (each node's).
+    Replicas are known by Serve's unique id. A kind naming labels (`{outcome}`) is there once
+    a sample has it; the others always are."""
     import httpx
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {SERVE_REQUESTS: "requests", PREFIX_QUERIES: "queries", PREFIX_HITS: "hits"}
-    out: dict[str, dict[str, float]] = {name: {} for name in wanted.values()}
+    out: dict[str, dict[str, float]] = {kind: {} for kind in wanted.values() if "{" not in kind}
     for node in ray.nodes():
         if not node["Alive"]:
             continue
         url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
         for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
             for sample in family.samples:
-                kind, labels = wanted.get(sample.name), sample.labels
-                if kind is None or "replica" not in labels:
-                    continue
-                ours = labels.get("model") == model.id
-                serves = (
-                    labels.get("application") == APP and labels.get("deployment") == model.deployment_name
-                )
-                if ours if kind != "requests" else serves:
-                    out[kind][labels["replica"]] = out[kind].get(labels["replica"], 0.0) + sample.value
+                kind = _kind_of(sample.name, sample.labels, model, wanted)
+                if kind is not None:
+                    by_replica = out.setdefault(kind, {})
+                    replica = sample.labels["replica"]
+                    by_replica[replica] = by_replica.get(replica, 0.0) + sample.value
     return out
 
 
@@ -203,17 +218,26 @@ def _since(
 
 
 def settled(
-    model: ModelConfig, expected_requests: int, before: dict[str, dict[str, float]]
+    model: ModelConfig,
+    expected_requests: int,
+    before: dict[str, dict[str, float]],
+    wanted: Mapping[str, str] = ROUTING_METRICS,
+    until: Sequence[str] = ("requests",),
 ) -> dict[str, Any]:
-    """The counts since `before` once Ray has exported every request (or METRICS_SETTLE_S passed)."""
+    """The counts since `before` (of `wanted`, as `_scrape` takes it) once Ray has exported
+    every request, counted by the kinds `until` together (or METRICS_SETTLE_S passed)."""
     deadline = time.monotonic() + METRICS_SETTLE_S
-    while sum(_since(_scrape(model), before)["requests"].values()) < expected_requests:
+    while _counted(_since(_scrape(model, wanted), before), until) < expected_requests:
         if time.monotonic() > deadline:
             print(f"  (Ray's metrics did not count all {expected_requests} requests in time)", flush=True)
             break
         time.sleep(1.0)
     time.sleep(2.0)  # the engines' counters follow their replicas' every second
-    return _since(_scrape(model), before)
+    return _since(_scrape(model, wanted), before)
+
+
+def _counted(counts: dict[str, dict[str, float]], kinds: Sequence[str]) -> float:
+    return sum(v for kind in kinds for v in counts.get(kind, {}).values())
 
 
 # --- figures -------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +107,9 @@ def write_adapter(adapter: DemoAdapter, out_dir: Path, shapes: ModelShapes = DEM
     ):
         print(f"  {target}: up to date")
         return target
-    tmp = target.parent / f".{adapter.name}.tmp"  # renamed into place: no half adapter
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_weights(adapter, shapes), str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with demo.staged(target) as tmp:
+        save_file(_weights(adapter, shapes), str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"  {target}: written (LoRA rank {adapter.rank} of {adapter.base})")
     return target
 

@@ -13,9 +13,11 @@ Usage: python -m serve_app.models.demo [OUTPUT_DIR]   (default: ./models)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,17 +198,24 @@ def write_model(model: DemoModel, out_dir: Path) -> Path:
     if done:
         print(f"  {target}: up to date")
         return target
-    # Write into a temporary folder and rename, so an interrupted run leaves no half model.
-    tmp = out_dir / f".{model.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_weights(model), str(tmp / "consolidated.safetensors"))
-    shutil.copyfile(tokenizer_source(model), tmp / model.tokenizer_name)
-    (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with staged(target) as tmp:
+        save_file(_weights(model), str(tmp / "consolidated.safetensors"))
+        shutil.copyfile(tokenizer_source(model), tmp / model.tokenizer_name)
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     print(f"  {target}: written ({model.tokenizer_name}, vocab {model.vocab_size})")
     return target
+
+
+@contextlib.contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to write into, renamed to `target` once the block has
+    run: an interrupted run leaves no half model."""
+    tmp = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def write_all(out_dir: Path) -> list[Path]:

@@ -58,33 +58,21 @@ class ServedModel:
             handle = self.adapter_streams[adapter.key] = self.stream.options(multiplexed_model_id=adapter.key)
         return handle
 
-    def adapter_card(self, name: str, adapter: AdapterSpec, created: int) -> dict[str, Any]:
-        """The `/v1/models` entry of one of its adapters under `name` (its name or an alias):
-        `parent` and `root` name this model, as vLLM's name the base model (vLLM's `root` is the
-        adapter's path: not shown here)."""
+    def to_openai(self, name: str, created: int, adapter: AdapterSpec | None = None) -> dict[str, Any]:
+        """The `/v1/models` entry of this model under `name` (its id or an alias), or of one of
+        its adapters (its name or an alias): an adapter's `parent` names this model, as vLLM's
+        does, and so does its `root` (vLLM's is the adapter's path: not shown here)."""
+        names = self.card.names if adapter is None else (adapter.name, *adapter.aliases)
         card: dict[str, Any] = {
             "id": name,
             "object": "model",
             "created": created,
             "owned_by": self.card.owned_by,
             "root": self.card.id,
-            "parent": self.card.id,
-            "aliases": [n for n in (adapter.name, *adapter.aliases) if n != name],
+            "aliases": [n for n in names if n != name],
         }
-        if self.max_model_len is not None:
-            card["max_model_len"] = self.max_model_len
-        return card
-
-    def to_openai(self, name: str, created: int) -> dict[str, Any]:
-        """The `/v1/models` entry of this model under `name` (its id or an alias)."""
-        card: dict[str, Any] = {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": self.card.owned_by,
-            "root": self.card.id,
-            "aliases": [n for n in self.card.names if n != name],
-        }
+        if adapter is not None:
+            card["parent"] = self.card.id
         if self.max_model_len is not None:
             card["max_model_len"] = self.max_model_len
         return card
@@ -182,9 +170,7 @@ class Catalog:
     def card(self, name: str, created: int) -> dict[str, Any]:
         """The `/v1/models` entry of `name`; ApiError 404 if it names nothing served."""
         model, adapter = self.resolve(name)
-        return (
-            model.to_openai(name, created) if adapter is None else model.adapter_card(name, adapter, created)
-        )
+        return model.to_openai(name, created, adapter)
 
     # --- adapters added at run time (serve_app.serving.adapter_registry) ---------------------
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
 from serve_app.config import AppConfig, ModelConfig
@@ -24,8 +24,9 @@ from serve_app.models import adapters as demo_adapters
 from serve_app.models.shapes import ModelShapes, model_shapes
 from serve_app.serving.adapter_registry import AdapterRegistry
 from serve_app.serving.adapters import AdapterCache, AdapterSpec, ReplicaAdapters
-from serve_app.serving.routing import AffinityRouter, adapter_order, rank, router_config
+from serve_app.serving.routing import adapter_order, rank, router_config
 from tests.conftest import ROOT
+from tests.support.routers import affinity_router
 
 DEMO = ROOT / "models" / "adapters"
 V3 = "tiny-mistral-v3"
@@ -352,12 +353,7 @@ class HoldingReplica:
 def test_the_router_sends_an_adapter_to_a_holder_unless_it_is_overloaded() -> None:
     async def go() -> None:
         deployment = DeploymentID(name="m", app_name="a")
-        router = AffinityRouter(
-            deployment_id=deployment,
-            handle_source=DeploymentHandleSource.UNKNOWN,
-            use_replica_queue_len_cache=True,
-        )
-        router.initialize_state()
+        router = affinity_router(deployment)
         replicas = [
             HoldingReplica(ReplicaID(unique_id=u, deployment_id=deployment), set()) for u in ("p", "q")
         ]

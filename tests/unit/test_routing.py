@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
 from serve_app.engine.fake import PrefixCache
@@ -26,6 +26,7 @@ from serve_app.serving.routing import (
     router_config,
     session_affinity,
 )
+from tests.support.routers import affinity_router
 
 SYSTEM = {"role": "system", "content": "You answer in French. " * 20}
 
@@ -154,12 +155,7 @@ class FakeReplica:
 
 def _router(n: int) -> tuple[AffinityRouter, list[FakeReplica]]:
     deployment = DeploymentID(name="m", app_name="a")
-    router = AffinityRouter(
-        deployment_id=deployment,
-        handle_source=DeploymentHandleSource.UNKNOWN,
-        use_replica_queue_len_cache=True,
-    )
-    router.initialize_state()
+    router = affinity_router(deployment)
     return router, [FakeReplica(ReplicaID(unique_id=uid, deployment_id=deployment)) for uid in _ids(n)]
 
 

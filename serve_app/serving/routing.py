@@ -23,7 +23,11 @@ autoscaling adds or removes a replica, only the keys that it ranks first move.
 A request for a LoRA adapter (Serve's multiplexed model id, serve_app.serving.adapters) goes to
 a replica that holds the adapter, as Serve reports them: the first of them in the adapter's
 rendezvous ranking. Where none holds it, it goes to the replica holding the fewest adapters
-(the first in the ranking among equals), which then loads it. Its load guard is wider than a
+(the first in the ranking among equals), which then loads it. What a replica holds reaches the routers a moment after it
+loads; meanwhile the router counts the adapters it has just sent to a replica as held there, so
+that a burst of requests for adapters no replica holds yet spreads them over the replicas
+rather than piling them on the one that looked emptiest (measured on one H200: one replica of
+two took 71% of uniform traffic over 8 adapters, holding 6 with room for 4). Its load guard is wider than a
 prefix's: a holder keeps its adapters' requests while its queue is less than a quarter of its
 `max_ongoing_requests` over the least loaded replica's. A request sent past a holder costs a
 load there and, on a full replica, the eviction of another adapter, whose next request then
@@ -45,6 +49,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -59,6 +64,7 @@ PREFIX_TOKENS = 64  # the same for a prompt of token ids
 SLACK_SHARE = 0.25  # of the mean queue: how far over the least loaded a replica keeps its keys
 MIN_SLACK = 2  # (at least this many requests)
 ADAPTER_SLACK_SHARE = 0.25  # of a replica's max_ongoing_requests: the same for an adapter's holder
+PLACED_FOR_S = 5.0  # how long a router counts an adapter it sent to a replica as held there
 ROUTER_CLASS = f"{__name__}.AffinityRouter"
 
 
@@ -167,6 +173,7 @@ class AffinityRouter(RequestRouter):  # type: ignore[misc]
 
     def initialize_state(self, slack_share: float = SLACK_SHARE, min_slack: int = MIN_SLACK) -> None:
         self._slack = (slack_share, min_slack)
+        self._placed: dict[str, tuple[str, float]] = {}  # adapter -> (replica id, when) sent lately
 
     async def choose_replicas(
         self,
@@ -193,16 +200,29 @@ class AffinityRouter(RequestRouter):  # type: ignore[misc]
         return [[candidate_replicas[chosen]], rest]
 
     def _to_holders(self, candidates: list[RunningReplica], adapter: str) -> list[list[RunningReplica]]:
-        order = adapter_order(
-            adapter,
-            [r.replica_id.unique_id for r in candidates],
-            [r.multiplexed_model_ids for r in candidates],
-        )
+        ids = [r.replica_id.unique_id for r in candidates]
+        now = time.monotonic()
+        held = self._held(candidates, ids, now)
+        order = adapter_order(adapter, ids, held)
         cache = self._replica_queue_len_cache
         capacity = min(r.max_ongoing_requests for r in candidates)
         slack = max(MIN_SLACK, math.ceil(ADAPTER_SLACK_SHARE * capacity))
         chosen = within_slack(order, [cache.get(r.replica_id) for r in candidates], slack)
+        if adapter not in held[chosen]:
+            self._placed[adapter] = (ids[chosen], now)
         return [[candidates[chosen]], [candidates[i] for i in order if i != chosen]]
+
+    def _held(self, candidates: list[RunningReplica], ids: list[str], now: float) -> list[set[str]]:
+        """What each replica holds: as Serve reports it, and the adapters this router sent there
+        in the last PLACED_FOR_S (their reports may not have come yet)."""
+        held = [set(r.multiplexed_model_ids) for r in candidates]
+        where = {rid: n for n, rid in enumerate(ids)}
+        for adapter, (rid, when) in list(self._placed.items()):
+            if now - when > PLACED_FOR_S:
+                del self._placed[adapter]
+            elif rid in where:
+                held[where[rid]].add(adapter)
+        return held
 
 
 def adapter_order(adapter: str, replica_ids: Sequence[str], held: Sequence[Collection[str]]) -> list[int]:

@@ -343,6 +343,24 @@ def test_an_adapters_requests_go_to_its_holders_then_to_the_emptiest_replica() -
     assert adapter_order("a", ids, held)[:2] == [i for i in order if "a" in held[i]]
 
 
+def test_a_burst_of_new_adapters_spreads_before_the_replicas_report_them() -> None:
+    async def go() -> None:
+        deployment = DeploymentID(name="m", app_name="a")
+        router = affinity_router(deployment)
+        replicas = [
+            HoldingReplica(ReplicaID(unique_id=u, deployment_id=deployment), set()) for u in ("p", "q")
+        ]
+        chosen = []
+        for name in ("a", "b", "c", "d", "a", "c"):  # nothing reported held: all within one burst
+            metadata = RequestMetadata(request_id="r", internal_request_id="i", multiplexed_model_id=name)
+            pending = PendingRequest(args=[], kwargs={}, metadata=metadata, future=asyncio.Future())
+            chosen.append((await router.choose_replicas(replicas, pending))[0][0].replica_id.unique_id)
+        assert sorted(chosen[:4]) == ["p", "p", "q", "q"]  # two new adapters on each
+        assert chosen[4] == chosen[0] and chosen[5] == chosen[2]  # and their next requests follow
+
+    asyncio.run(go())
+
+
 @dataclass
 class HoldingReplica:
     replica_id: ReplicaID

@@ -569,24 +569,6 @@ def test_requests_go_to_the_least_busy_frontend(harness: Harness) -> None:
     harness.run(go())
 
 
-def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> None:
-    """Last in this module: it ends the engine. A replica asks `dead()` before it takes a
-    request; vLLM marks its client errored only once its monitor thread has run, so the engine
-    looks at its core processes too."""
-    _vllm_only(harness, "the fake engine has no process to lose")
-    assert not harness.engine.dead()
-    ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    cores = harness.engine.core_pids  # type: ignore[attr-defined]
-    assert cores and set(cores) <= ours, (cores, ours)
-    for pid in cores:
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in cores):
-        assert time.monotonic() < deadline, "the engine core outlived SIGKILL for 10 s"
-        time.sleep(0.001)
-    assert harness.engine.dead()
-
-
 ADAPTERS = ROOT / "models" / "adapters"
 
 
@@ -634,3 +616,21 @@ def test_an_adapter_that_cannot_load_is_a_4xx_and_disturbs_nothing(harness: Harn
     assert 400 <= err.value.status < 500
     assert {status for status, _ in _answers(harness, "tiny-mistral-v3", 2)} == {200}
     assert {status for status, _ in _answers(harness, "gone", 1)} == {404}
+
+
+def test_an_engine_whose_core_process_died_is_dead_at_once(harness: Harness) -> None:
+    """Last in this module: it ends the engine. A replica asks `dead()` before it takes a
+    request; vLLM marks its client errored only once its monitor thread has run, so the engine
+    looks at its core processes too."""
+    _vllm_only(harness, "the fake engine has no process to lose")
+    assert not harness.engine.dead()
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    cores = harness.engine.core_pids  # type: ignore[attr-defined]
+    assert cores and set(cores) <= ours, (cores, ours)
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in cores):
+        assert time.monotonic() < deadline, "the engine core outlived SIGKILL for 10 s"
+        time.sleep(0.001)
+    assert harness.engine.dead()

@@ -114,7 +114,10 @@ def test_aliases_route_to_the_same_model(client: openai.OpenAI) -> None:
 
 def test_models_list_and_get(client: openai.OpenAI, local_app: RunningApp) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"tiny-mistral-v3", "mistral-7b-demo", "tiny-mistral-tekken", "mistral-nemo-demo"}
+    adapters = {f"tiny-mistral-v3-lora-{i}" for i in range(3)}  # the config's LoRA adapters
+    assert (
+        ids == {"tiny-mistral-v3", "mistral-7b-demo", "tiny-mistral-tekken", "mistral-nemo-demo"} | adapters
+    )
     model = client.models.retrieve("tiny-mistral-tekken")
     assert model.id == "tiny-mistral-tekken"
     raw = httpx.get(f"{local_app.url}/v1/models/tiny-mistral-tekken", timeout=60).json()

@@ -83,7 +83,7 @@ endif
 
 # pytest exits 5 when it collects no test: report it, don't fail on it.
 test: install models lint tools
-	PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q -rs tests; rc=$$?; \
+	PROMETHEUS="$(or $(PROMETHEUS),prometheus)" $(PY) -m pytest -q -rs --durations=30 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The README's pictures from a real run: the dashboard's panels from a real Prometheus, and

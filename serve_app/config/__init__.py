@@ -6,6 +6,7 @@ or as paths to model files (`configs/models/*.yaml`). Every model is validated o
 own, so an error names the file and the field it comes from.
 
 - `model`: one served model (`ModelConfig`) and its deployment and autoscaling options;
+- `batches`: offline batches (OpenAI's Batch API);
 - `guards`: API keys, quotas and the bounds on one request;
 - `app`: the whole application (`AppConfig`) and its ingress;
 - `files`: reading application args and Serve config files.
@@ -16,6 +17,7 @@ engine's `validate` (serve_app.engine.vllm.args) when the application is built.
 
 from serve_app.config.app import AppConfig, IngressOptions, ObservabilityOptions
 from serve_app.config.base import ConfigError, StrictModel
+from serve_app.config.batches import BatchOptions
 from serve_app.config.files import (
     BUILDER_IMPORT_PATH,
     ServeFile,
@@ -49,6 +51,7 @@ __all__ = [
     "AppConfig",
     "AuthOptions",
     "AutoscalingOptions",
+    "BatchOptions",
     "ConfigError",
     "DeploymentOptions",
     "IngressOptions",

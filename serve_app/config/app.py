@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from serve_app.config.base import StrictModel
+from serve_app.config.batches import BatchOptions
 from serve_app.config.guards import AuthOptions, QuotaOptions, RequestLimits
 from serve_app.config.model import ModelConfig
 
@@ -46,6 +47,9 @@ class AppConfig(StrictModel):
     )
     limits: RequestLimits = Field(
         default_factory=RequestLimits, description="Bounds on one request, checked before any engine work."
+    )
+    batches: BatchOptions = Field(
+        default_factory=BatchOptions, description="Offline batches: OpenAI's Batch API and its store."
     )
 
     @model_validator(mode="after")

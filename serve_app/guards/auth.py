@@ -74,6 +74,25 @@ class KeyChecker:
     def enabled(self) -> bool:
         return bool(self._hashes)
 
+    def knows(self, identity: str) -> bool:
+        """Whether `identity` (as `identify` gives it) is one of the configured keys, or
+        anonymous when none is configured."""
+        if not self._hashes:
+            return identity == ANONYMOUS
+        if not identity.startswith("sha256:"):
+            return False
+        try:
+            digest = bytes.fromhex(identity[len("sha256:") :])
+        except ValueError:
+            return False
+        return self._matches(digest)
+
+    def _matches(self, digest: bytes) -> bool:
+        found = False
+        for stored in self._hashes:  # every hash is compared: the time does not tell which matched
+            found |= hmac.compare_digest(digest, stored)
+        return found
+
     def allows(self, authorization: str | None) -> bool:
         return self.identify(authorization) is not None
 
@@ -85,10 +104,7 @@ class KeyChecker:
         if not authorization or not authorization.startswith("Bearer "):
             return None
         digest = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).digest()
-        found = False
-        for stored in self._hashes:  # every hash is compared: the time does not tell which matched
-            found |= hmac.compare_digest(digest, stored)
-        return "sha256:" + digest.hex() if found else None
+        return "sha256:" + digest.hex() if self._matches(digest) else None
 
 
 def check_exposure(host: str, options: AuthOptions, where: str) -> None:

@@ -42,3 +42,20 @@ def check_local_origin(headers: Mapping[str, str], *, has_body: bool) -> None:
         kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if kind not in JSON_TYPES:
             raise ApiError(415, "Send the request body as JSON, with `Content-Type: application/json`.")
+
+
+def check_local_upload(headers: Mapping[str, str]) -> None:
+    """As `check_local_origin`, for a file upload (`multipart/form-data`, which a form can send):
+    it must also carry an `Authorization` header, which no form can set, and which a page's
+    script can set only after asking the server, whose CORS is closed (OpenAI's clients send one
+    always, with any key)."""
+    check_local_origin(headers, has_body=False)
+    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise ApiError(415, "Upload the file as multipart/form-data.")
+    if "authorization" not in headers:
+        raise ApiError(
+            403,
+            "This server has no API keys: an upload must still carry an `Authorization` header "
+            "(any value), as OpenAI's clients send, so that no web page can send one.",
+        )

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from serve_app.config import AuthOptions, QuotaOptions
 from serve_app.errors import ApiError
 from serve_app.guards.auth import KeyChecker
-from serve_app.guards.origin import check_local_origin
+from serve_app.guards.origin import check_local_origin, check_local_upload
 from serve_app.guards.quotas import Admission, Quotas, Rejection
 
 
@@ -59,9 +59,19 @@ class Gate:
             raise ApiError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.")
         return identity
 
-    def check_origin(self, request: Request, *, has_body: bool) -> None:
-        """ApiError 421/415 for what a web page could send a keyless app on loopback."""
-        if self._keyless_loopback:
+    def knows(self, identity: str) -> bool:
+        """Whether `identity` (a key's hash, or anonymous) is still accepted: a batch's requests
+        run as the key that created it, and stop being served when the key is removed."""
+        return self._keys.knows(identity)
+
+    def check_origin(self, request: Request, *, has_body: bool, upload: bool = False) -> None:
+        """ApiError 421/415 for what a web page could send a keyless app on loopback; `upload`:
+        the body is a multipart file upload (serve_app.guards.origin.check_local_upload)."""
+        if not self._keyless_loopback:
+            return
+        if upload:
+            check_local_upload(request.headers)
+        else:
             check_local_origin(request.headers, has_body=has_body)
 
     def admit(self, identity: str) -> Admission | None:
@@ -102,15 +112,21 @@ class Gate:
         *,
         generates: bool,
         priority_scheduling: bool,
+        batch_priority: int | None = None,
     ) -> bytes:
         """The body with what the key decides in place of what the client sent: its scheduling
         priority (for a model that schedules by it) and, where keys are configured, a prefix-cache
-        salt of its own, so that no key can tell another's prompts by how fast they start."""
+        salt of its own, so that no key can tell another's prompts by how fast they start.
+        `batch_priority`: that of a batch's request, which runs at it or at its key's, whichever
+        comes later (vLLM runs lower numbers first)."""
         fields: dict[str, Any] = {}
         if not generates:
             return body
-        if priority_scheduling and admission is not None and admission.priority is not None:
-            fields["priority"] = admission.priority
+        own = admission.priority if admission is not None else None
+        if batch_priority is not None:
+            own = batch_priority if own is None else max(own, batch_priority)
+        if priority_scheduling and own is not None:
+            fields["priority"] = own
         if self._keys.enabled:
             fields["cache_salt"] = cache_salt(identity)
         if not fields:

@@ -19,6 +19,7 @@ from serve_app.guards.adapters import AdapterError, resolve_source
 from serve_app.models.mistral_layout import infer_args
 from serve_app.serving.adapter_registry import REGISTRY_NAME, AdapterRegistry
 from serve_app.serving.adapters import AdapterSpec
+from serve_app.serving.batches.service import SERVICE_NAME, BatchService
 from serve_app.serving.catalog import ModelCard
 from serve_app.serving.gpu_lease import LEASES_NAME, GpuLeases
 from serve_app.serving.ingress import make_ingress
@@ -110,6 +111,27 @@ def _adapter_registry(config: AppConfig) -> Application | None:
     )
 
 
+def model_ids(config: AppConfig) -> dict[str, str]:
+    """The model id of every name a request may use: ids, aliases, the config's adapters."""
+    return {name: m.id for m in config.models for name in (*m.names, *m.adapter_names)}
+
+
+def _batch_service(config: AppConfig) -> Application | None:
+    """The batch service (the Batch API's files and batches), unless `batches.enabled` is off."""
+    options = config.batches
+    if not options.enabled:
+        return None
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if "://" not in options.store:
+        # A local directory: on the head node, where it is found again after any restart.
+        actor["resources"] = {"node:__internal_head__": 0.001}
+    return (
+        serve.deployment(BatchService)
+        .options(name=SERVICE_NAME, num_replicas=1, max_ongoing_requests=10_000, ray_actor_options=actor)
+        .bind(options, config.limits, model_ids(config), INGRESS_NAME, metrics=True)
+    )
+
+
 def build_openai_app(
     config: AppConfig, *, engine_cls: type[Engine] | None = None, validate_engine: bool = True
 ) -> Application:
@@ -151,6 +173,8 @@ def build_openai_app(
             config.quotas.share(ingress.num_replicas),
             config.limits,
             _adapter_registry(config),
+            _batch_service(config),
+            config.batches,
         )
     )
 

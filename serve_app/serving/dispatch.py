@@ -53,12 +53,14 @@ async def dispatch(
     record: RequestRecord,
     affinity: Affinity | None = None,
     adapter: AdapterSpec | None = None,
+    batch: bool = False,
 ) -> tuple[Head, DeploymentResponseGenerator]:
     """Send the request to a replica of `model` (asked for as `name`); its response's `Head`
     and the stream it comes on (the rest follows on the stream if `head.stream`). `affinity`
     is what routes it (serve_app.serving.routing); a retry goes without it, to any replica.
     `adapter`: the LoRA adapter the request names, which routes it to replicas holding it
-    (and which a retry keeps: the replica needs it)."""
+    (and which a retry keeps: the replica needs it). `batch`: a request of a batch, which the
+    replica lets interactive requests go ahead of (serve_app.serving.lanes)."""
     request_id = record.request_id
     name = shown(name)
     deadline = time.monotonic() + model.card.wait_timeout_s
@@ -66,6 +68,8 @@ async def dispatch(
         keyed: dict[str, Any] = {AFFINITY_KWARG: affinity} if affinity is not None and attempt == 1 else {}
         if adapter is not None:
             keyed["adapter"] = adapter
+        if batch:
+            keyed["batch"] = True
         stream = model.stream_for(adapter).remote(route, body, request_id, **keyed)
         taken = False
         try:

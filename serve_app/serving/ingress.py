@@ -27,19 +27,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.config import AuthOptions, ObservabilityOptions, QuotaOptions, RequestLimits
-from serve_app.engine.protocol import Route
+from serve_app.config import AuthOptions, BatchOptions, ObservabilityOptions, QuotaOptions, RequestLimits
+from serve_app.engine.protocol import Head, Route
 from serve_app.errors import ApiError, error_body
 from serve_app.guards.auth import check_exposure
 from serve_app.serving.adapters import AdapterSpec
 from serve_app.serving.admin import AdapterAdmin
 from serve_app.serving.admission import Gate
+from serve_app.serving.batches.api import BatchApi, query_limit, query_text
+from serve_app.serving.batches.format import LineAnswer
 from serve_app.serving.catalog import Catalog, ModelCard, ServedModel
 from serve_app.serving.dispatch import dispatch
-from serve_app.serving.payload import read_payload
+from serve_app.serving.payload import parse_payload, read_payload
 from serve_app.serving.relay import RelayedStream
 from serve_app.serving.routing import affinity_of
 from serve_app.serving.telemetry import RequestRecord, Telemetry
@@ -68,9 +70,12 @@ class OpenAIIngress:
         quotas: QuotaOptions | None = None,
         limits: RequestLimits | None = None,
         adapter_registry: DeploymentHandle | None = None,
+        batches: DeploymentHandle | None = None,
+        batch_options: BatchOptions | None = None,
     ) -> None:
         """`adapter_registry`: the book of adapters added at run time, where the admin routes
-        are on (serve_app.serving.adapter_registry)."""
+        are on (serve_app.serving.adapter_registry); `batches`: the batch service, where the
+        Batch API is on (serve_app.serving.batches)."""
         auth = auth or AuthOptions()
         observability = observability or ObservabilityOptions()
         if (host := _serve_http_host()) is not None:
@@ -79,6 +84,9 @@ class OpenAIIngress:
         self._gate = Gate(auth, quotas or QuotaOptions())
         self._catalog = Catalog(cards, models)
         self._admin = AdapterAdmin(auth.admin, adapter_registry, self._catalog)
+        batch_options = batch_options or BatchOptions()
+        self._batches = BatchApi(batches, batch_options)
+        self._batch_priority = batch_options.priority
         self._telemetry = Telemetry(
             [c.id for c in cards],
             access_log=observability.access_log,
@@ -114,6 +122,107 @@ class OpenAIIngress:
     async def unload_lora_adapter(self, request: Request) -> Response:
         return await self._admin_call(request, self._admin.unload)
 
+    # The Batch API (serve_app.serving.batches): a key's own files and batches.
+
+    async def files_create(self, request: Request) -> Response:
+        return await self._batch_call(
+            request, "files", lambda owner: self._batches.upload(request, owner), upload=True
+        )
+
+    async def files_list(self, request: Request) -> Response:
+        purpose, after = query_text(request, "purpose"), query_text(request, "after")
+        return await self._batch_call(
+            request,
+            "files",
+            lambda owner: self._batches.call("list_files", owner, purpose, query_limit(request, 100), after),
+        )
+
+    async def file_get(self, file_id: str, request: Request) -> Response:
+        return await self._batch_call(
+            request, "files", lambda owner: self._batches.call("get_file", owner, file_id)
+        )
+
+    async def file_delete(self, file_id: str, request: Request) -> Response:
+        return await self._batch_call(
+            request, "files", lambda owner: self._batches.call("delete_file", owner, file_id)
+        )
+
+    async def file_content(self, file_id: str, request: Request) -> Response:
+        return await self._batch_call(
+            request, "files", lambda owner: self._batches.call("file_content", owner, file_id)
+        )
+
+    async def batches_create(self, request: Request) -> Response:
+        async def create(owner: str) -> Any:
+            _, payload = await read_payload(request, self._limits)
+            served = list(self._catalog.names())
+            return await self._batches.create_batch(payload, owner, served)
+
+        return await self._batch_call(request, "batches", create, has_body=True)
+
+    async def batches_list(self, request: Request) -> Response:
+        after = query_text(request, "after")
+        return await self._batch_call(
+            request,
+            "batches",
+            lambda owner: self._batches.call("list_batches", owner, query_limit(request, 20), after),
+        )
+
+    async def batch_get(self, batch_id: str, request: Request) -> Response:
+        return await self._batch_call(
+            request, "batches", lambda owner: self._batches.call("get_batch", owner, batch_id)
+        )
+
+    async def batch_cancel(self, batch_id: str, request: Request) -> Response:
+        return await self._batch_call(
+            request, "batches", lambda owner: self._batches.call("cancel_batch", owner, batch_id)
+        )
+
+    async def batch_line(self, owner: str, route: Route, body: bytes, request_id: str) -> LineAnswer:
+        """Serve one request of a batch of `owner`'s (a key's hash), for the batch service: the
+        same checks as an HTTP request's from the key on, at the batch's priority; the answer
+        whole (a batch request cannot stream)."""
+        record = self._telemetry.begin(request_id, f"batch_{route.value}")
+        record.identity = owner
+
+        async def serve() -> LineAnswer:
+            try:
+                if not self._gate.knows(owner):
+                    raise ApiError(401, "The API key that created this batch is no longer accepted.")
+                record.admission = self._gate.admit(owner)
+                payload = parse_payload(body, self._limits)
+                if payload.get("stream") is True:
+                    raise ApiError(400, "A batch request cannot stream.", param="stream")
+                head, stream = await self._send(route, body, payload, record, {}, batch=True)
+            except ApiError as error:
+                record.status = error.status
+                return LineAnswer(error.status, error.body(), request_id)
+            if head.stream:  # the engine streams only what asks to: never here
+                stream.cancel()
+                raise RuntimeError("a batch request was answered as a stream")
+            record.usage = head.usage
+            record.status = head.status
+            usage = head.usage
+            return LineAnswer(
+                head.status,
+                head.body,
+                request_id,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
+
+        try:
+            return await serve()
+        except asyncio.CancelledError:
+            record.cancelled = True
+            raise
+        except Exception as exc:
+            record.status, record.error = 500, repr(exc)
+            raise
+        finally:
+            record.done = not record.cancelled
+            self._finish(record)
+
     async def health(self) -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
 
@@ -131,26 +240,7 @@ class OpenAIIngress:
             self._gate.check_origin(request, has_body=True)
             record.admission = self._gate.admit(record.identity)
             body, payload = await read_payload(request, self._limits)
-            record.body_bytes = len(body)
-            name, model, adapter = await self._resolve(payload)
-            record.adapter = adapter.name if adapter is not None else ""
-            self._gate.admit_to_model(
-                record.admission, model.card.id, payload, adapter.name if adapter is not None else None
-            )
-            body = self._gate.rewrite(
-                body,
-                payload,
-                record.identity,
-                record.admission,
-                generates=route in (Route.CHAT, Route.COMPLETION),
-                priority_scheduling=model.card.priority_scheduling,
-            )
-            self._telemetry.routed(record, model.card.id, body)
-            record.stream = payload.get("stream") is True
-            affinity = (
-                None if adapter is not None else affinity_of(model.card.routing, payload, request.headers)
-            )
-            head, stream = await dispatch(model, name, route, body, record, affinity, adapter)
+            head, stream = await self._send(route, body, payload, record, request.headers)
         except ApiError as error:
             if error.status == 429:
                 record.error = "quota"
@@ -162,6 +252,38 @@ class OpenAIIngress:
             return Response(head.body, status_code=head.status, media_type=_JSON)
         record.status = 200
         return RelayedStream(stream, record, self._finish)
+
+    async def _send(
+        self,
+        route: Route,
+        body: bytes,
+        payload: dict[str, Any],
+        record: RequestRecord,
+        headers: Mapping[str, str],
+        *,
+        batch: bool = False,
+    ) -> tuple[Head, DeploymentResponseGenerator]:
+        """From a request's parsed body to its model's answer: the model it names, the key's
+        quota on it, what the key decides in the body, the send (ApiError if one refuses)."""
+        record.body_bytes = len(body)
+        name, model, adapter = await self._resolve(payload)
+        record.adapter = adapter.name if adapter is not None else ""
+        self._gate.admit_to_model(
+            record.admission, model.card.id, payload, adapter.name if adapter is not None else None
+        )
+        body = self._gate.rewrite(
+            body,
+            payload,
+            record.identity,
+            record.admission,
+            generates=route in (Route.CHAT, Route.COMPLETION),
+            priority_scheduling=model.card.priority_scheduling,
+            batch_priority=self._batch_priority if batch else None,
+        )
+        self._telemetry.routed(record, model.card.id, body)
+        record.stream = payload.get("stream") is True
+        affinity = None if adapter is not None else affinity_of(model.card.routing, payload, headers)
+        return await dispatch(model, name, route, body, record, affinity, adapter, batch=batch)
 
     async def _resolve(self, payload: dict[str, Any]) -> tuple[str, ServedModel, AdapterSpec | None]:
         """The name the body asks for, its model and adapter (ApiError 400/404)."""
@@ -196,6 +318,34 @@ class OpenAIIngress:
             except ApiError as error:
                 return error_response(error)
             return Response(message, media_type="text/plain")
+
+        return await self._measured(record, answer())
+
+    async def _batch_call(
+        self,
+        request: Request,
+        route: str,
+        action: Callable[[str], Awaitable[Any]],
+        *,
+        has_body: bool = False,
+        upload: bool = False,
+    ) -> Response:
+        """One call of the Batch API: its key (whose own objects it may see), then `action(key)`;
+        a JSON answer, or a file's bytes."""
+        record = self._telemetry.begin(_request_id(request), route)
+
+        async def answer() -> Response:
+            try:
+                check_request_id(request)
+                self._batches.check_enabled()
+                record.identity = self._gate.identify(request)
+                self._gate.check_origin(request, has_body=has_body, upload=upload)
+                result = await action(record.identity)
+            except ApiError as error:
+                return error_response(error)
+            if isinstance(result, bytes):
+                return Response(result, media_type="application/octet-stream")
+            return Response(json.dumps(result), media_type=_JSON)
 
         return await self._measured(record, answer())
 
@@ -308,6 +458,15 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/health", "health"),
     ("POST", "/v1/load_lora_adapter", "load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter", "unload_lora_adapter"),
+    ("POST", "/v1/files", "files_create"),
+    ("GET", "/v1/files", "files_list"),
+    ("GET", "/v1/files/{file_id}", "file_get"),
+    ("DELETE", "/v1/files/{file_id}", "file_delete"),
+    ("GET", "/v1/files/{file_id}/content", "file_content"),
+    ("POST", "/v1/batches", "batches_create"),
+    ("GET", "/v1/batches", "batches_list"),
+    ("GET", "/v1/batches/{batch_id}", "batch_get"),
+    ("POST", "/v1/batches/{batch_id}/cancel", "batch_cancel"),
 ]
 
 
@@ -344,7 +503,7 @@ def openai_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(cors_allow_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Session-Id"],
             allow_credentials=False,
         )

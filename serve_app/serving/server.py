@@ -18,6 +18,7 @@ from serve_app.guards.adapters import AdapterError
 from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
+from serve_app.serving.lanes import Lanes
 from serve_app.serving.ray_compat import report_multiplexed_ids
 from serve_app.serving.reaper import start_reaper
 from serve_app.serving.routing import Affinity, router_config
@@ -66,6 +67,10 @@ def _keep_log_handlers() -> Iterator[None]:
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
+def _nothing() -> None:
+    pass
+
+
 class ModelServer:
     """One replica of one model: starts its engine and serves the OpenAI routes it handles."""
 
@@ -98,6 +103,7 @@ class ModelServer:
         self._adapters = (
             ReplicaAdapters(config, self._engine, metrics, report_multiplexed_ids) if lora else None
         )
+        self._lanes = Lanes()
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -132,12 +138,14 @@ class ModelServer:
         request_id: str,
         affinity: Affinity | None = None,
         adapter: AdapterSpec | None = None,
+        batch: bool = False,
     ) -> AsyncIterator[Head | bytes | Usage | None]:
         """Stream one request's response: `None` as soon as this replica has taken the request
         (the ingress bounds only the wait for that), then a `Head`, then SSE bytes if it streams.
         `affinity` is what routed the request here (serve_app.serving.routing), for the
         router only. `adapter`: the LoRA adapter the body names, loaded here first if it is not
-        (a 4xx answer if it cannot load).
+        (a 4xx answer if it cannot load). `batch`: a request of a batch, which enters the engine
+        only while no interactive request here waits for its first item (serve_app.serving.lanes).
 
         A replica whose engine is already dead does not take the request: it ends, and the
         ingress tries another replica (it retries only requests that no replica took). One
@@ -149,12 +157,17 @@ class ModelServer:
             await self._warm.enter()
         try:
             yield None
-            async with contextlib.AsyncExitStack() as adapter_held:
+            async with contextlib.AsyncExitStack() as held:
                 if adapter is not None:
-                    refusal = await self._hold_adapter(adapter_held, adapter)
+                    refusal = await self._hold_adapter(held, adapter)
                     if refusal is not None:
                         yield refusal
                         return
+                if batch:
+                    await self._lanes.batch_turn()
+                    started = _nothing
+                else:
+                    started = held.enter_context(self._lanes.interactive())
                 # Chunks that queue while Serve sends earlier ones travel on as one message.
                 interval_s = self._config.stream_batching_interval_ms / 1000
                 stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
@@ -162,6 +175,7 @@ class ModelServer:
                     async for item in items:
                         if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
                             self._die()  # the request fails (it may be what killed the engine)
+                        started()
                         yield item
         except Exception:
             if self._engine.dead():

@@ -433,3 +433,53 @@ class AdapterMetrics:
 
     def loaded(self, seconds: float) -> None:
         self._load_seconds.observe(seconds, tags={"model": self._model, "replica": self._replica})
+
+
+class BatchMetrics:
+    """The batch service's requests (serve_app.serving.batches) as Ray metrics, by model: lines
+    waiting for one of the model's batch slots (`queued`) and in flight (`running`), lines
+    answered by outcome (`completed`: a 2xx answer; `failed`: any other, or expired), and their
+    tokens; and the batches not yet finished, by status."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self._lines = metrics.Gauge(
+            "mistral_serve_batch_lines",
+            description="Batch requests waiting for a slot of their model (queued) or in flight (running).",
+            tag_keys=("model", "state"),
+        )
+        self._answered = metrics.Counter(
+            "mistral_serve_batch_lines_answered",
+            description="Batch requests answered, by model and outcome (completed: 2xx; failed: the rest).",
+            tag_keys=("model", "outcome"),
+        )
+        self._tokens = metrics.Counter(
+            "mistral_serve_batch_tokens",
+            description="Prompt and completion tokens of answered batch requests, by model.",
+            tag_keys=("model", "kind"),
+        )
+        self._batches = metrics.Gauge(
+            "mistral_serve_batches", description="Batches not yet finished, by status.", tag_keys=("status",)
+        )
+        self._models: set[str] = set()
+
+    def answered(self, model: str, record: dict[str, Any]) -> None:
+        self._models.add(model)
+        outcome = "completed" if record.get("error") is None else "failed"
+        self._answered.inc(tags={"model": model, "outcome": outcome})
+        usage = ((record.get("response") or {}).get("body") or {}).get("usage")
+        if isinstance(usage, dict):
+            for kind in ("prompt", "completion"):
+                if tokens := int(usage.get(f"{kind}_tokens") or 0):
+                    self._tokens.inc(tokens, tags={"model": model, "kind": kind})
+
+    def report(self, queued: dict[str, int], running: dict[str, int], statuses: Iterable[str]) -> None:
+        """Set the gauges: lines queued and running per model, batches per status."""
+        self._models |= set(queued) | set(running)
+        for model in self._models:
+            self._lines.set(queued.get(model, 0), tags={"model": model, "state": "queued"})
+            self._lines.set(running.get(model, 0), tags={"model": model, "state": "running"})
+        counts = Tally(statuses)
+        for status in ("validating", "in_progress", "finalizing", "cancelling"):
+            self._batches.set(counts.get(status, 0), tags={"status": status})

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from serve_app.config import AppConfig, ModelConfig, RequestLimits
 from serve_app.engine.protocol import Engine
 from serve_app.serving.adapter_registry import AdapterRegistry
-from serve_app.serving.builder import model_card
+from serve_app.serving.batches.service import BatchService
+from serve_app.serving.builder import model_card, model_ids
 from serve_app.serving.ingress import OpenAIIngress, openai_app
 from serve_app.serving.server import ModelServer
 
@@ -164,6 +165,7 @@ class InProcessApp:
     ingress: OpenAIIngress
     servers: dict[str, LocalModelServer]
     handles: dict[str, LocalHandle] = field(default_factory=dict)
+    batches: LocalBatchService | None = None  # the batch service, where the app was built with one
 
     def client(self, headers: Mapping[str, str] | None = None) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=self.app)
@@ -173,17 +175,23 @@ class InProcessApp:
         )
 
     async def close(self) -> None:
+        if self.batches is not None:
+            await self.batches.stop()
         for server in self.servers.values():
             await server.stop()
 
 
 async def in_process_app(
-    config: AppConfig, wrap: Callable[[str, ModelServer], Any] = lambda _name, server: server
+    config: AppConfig,
+    wrap: Callable[[str, ModelServer], Any] = lambda _name, server: server,
+    batches: bool = False,
 ) -> InProcessApp:
     """`config`'s app in this process: one model server per model (`wrap` may stand a failing
-    stand-in in front of one, by deployment name) and the ingress as the builder binds it."""
+    stand-in in front of one, by deployment name) and the ingress as the builder binds it;
+    `batches`: with the batch service too (its store: the config's `batches.store`)."""
     servers = {m.deployment_name: await start_server(m, config.limits) for m in config.models}
     handles = {name: LocalHandle(wrap(name, server)) for name, server in servers.items()}
+    service_handle = LocalHandle(None)  # the batch service, made once the ingress is
     # The book of runtime adapters, where the builder would bind one.
     with_registry = config.auth.admin is not None and any(m.lora_options for m in config.models)
     ingress = OpenAIIngress(
@@ -194,9 +202,31 @@ async def in_process_app(
         config.quotas.share(config.ingress.num_replicas),
         config.limits,
         LocalHandle(AdapterRegistry()) if with_registry else None,  # type: ignore[arg-type]
+        service_handle if batches else None,  # type: ignore[arg-type]
+        config.batches,
     )
+    service = await start_batch_service(config, ingress.batch_line) if batches else None
+    service_handle._target = service
     app = openai_app(lambda name: getattr(ingress, name), config.auth.cors_allow_origins)
-    return InProcessApp(app, ingress, servers, handles)
+    return InProcessApp(app, ingress, servers, handles, service)
+
+
+class LocalBatchService(BatchService):
+    """The batch service in this process: `stop()` does what Serve's call of `__del__` does."""
+
+    def __del__(self) -> None:  # type: ignore[override]
+        pass
+
+    async def stop(self) -> None:
+        await BatchService.__del__(self)
+
+
+async def start_batch_service(config: AppConfig, send: Any) -> LocalBatchService:
+    """The batch service of `config` in this process, sending its requests with `send` (an
+    ingress's `batch_line`, or a stand-in); it resumes what its store holds unfinished."""
+    service = LocalBatchService.__new__(LocalBatchService)
+    await service.__init__(config.batches, config.limits, model_ids(config), send=send)  # type: ignore[misc]
+    return service
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -131,8 +131,12 @@ def test_each_ingress_replica_is_given_its_share_of_the_quotas() -> None:
         }
     )
     ingress = build_openai_app(config)._bound_deployment
-    handles, cards, _auth, _observability, quotas, _limits, _registry = ingress.init_args
+    handles, cards, _auth, _observability, quotas, _limits, _registry, batches, options = ingress.init_args
     assert quotas == config.quotas.share(2)
+    # The batch service, on the head node where its store is a local directory.
+    service = batches._bound_deployment
+    assert service.name == "BatchService" and service.num_replicas == 1 and options == config.batches
+    assert service.ray_actor_options["resources"] == {"node:__internal_head__": 0.001}
     assert quotas.default.requests_per_minute == 300 and quotas.default.concurrent_requests == 3
     assert [card.id for card in cards] == ["m"] and set(handles) == {"m"}
 

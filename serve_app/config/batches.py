@@ -1,0 +1,47 @@
+"""Options of offline batches: OpenAI's Batch API on the same endpoint (serve_app.serving.batches)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from serve_app.config.base import StrictModel
+
+
+class BatchOptions(StrictModel):
+    """Where batches and their files are kept, how large they may be, and how much of each
+    model they may use."""
+
+    enabled: bool = Field(True, description="Serve /v1/files and /v1/batches.")
+    store: str = Field(
+        "~/.mistral-serve/batches",
+        description="Where files and batches are kept: a directory on the node that runs the batch "
+        "service (the head node), or an fsspec URI (s3://..., gs://...; its library installed).",
+    )
+    max_file_bytes: int = Field(
+        104_857_600, ge=1, description="Largest uploaded file, in bytes (413 past it)."
+    )
+    max_file_seconds: float = Field(
+        300.0, gt=0, description="Seconds a client has to send a whole file; a slower one gets 408."
+    )
+    max_lines: int = Field(50_000, ge=1, description="Most requests in one batch input file.")
+    max_files_per_key: int = Field(
+        500, ge=1, description="Most files one key keeps (outputs included); delete some to upload more."
+    )
+    max_active_batches_per_key: int = Field(16, ge=1, description="Most batches of one key not yet finished.")
+    max_in_flight_per_model: int = Field(
+        4,
+        ge=1,
+        description="Batch requests sent to one model at once, over all batches: the bounded share of "
+        "its concurrency that batches may take.",
+    )
+    priority: int = Field(
+        100,
+        description="vLLM scheduling priority of batch requests (lower runs first) on models whose "
+        "engine_args set scheduling_policy: priority; a key's own priority applies when it is lower.",
+    )
+    retry_max_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait before a request the app could not take now (429, 503, a replica "
+        "restarting) is sent again; the waits grow from 0.5 s to this.",
+    )

@@ -1,0 +1,420 @@
+"""The Batch API in this process (fake engine): files and batches through OpenAI's own client,
+what a bad file gets, each key's own objects, and a batch that resumes after its service stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from serve_app.engine.protocol import Route
+from serve_app.errors import ApiError
+from serve_app.guards.auth import hash_key
+from serve_app.serving.batches import runner
+from serve_app.serving.batches.format import LineAnswer, parse_lines
+from serve_app.serving.batches.service import BatchService
+from serve_app.serving.lanes import Lanes
+from tests.support.inprocess import InProcessApp, chat, config, fake, in_process_app, run, start_batch_service
+
+CHAT = "/v1/chat/completions"
+
+
+def line(i: int, model: str = "small", url: str = CHAT, **body: Any) -> dict[str, Any]:
+    return {"custom_id": f"req-{i}", "method": "POST", "url": url, "body": chat(model, **body)}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+
+def cfg(tmp_path: Path, *models: dict[str, Any], **app: Any) -> Any:
+    batches = {"store": str(tmp_path / "store"), **app.pop("batches", {})}
+    return config(*(models or (fake("small", aliases=["tiny"]),)), batches=batches, **app)
+
+
+def client(app: InProcessApp, key: str = "any") -> openai.AsyncOpenAI:
+    http = app.client()
+    return openai.AsyncOpenAI(base_url="http://localhost/v1", api_key=key, http_client=http, max_retries=0)
+
+
+async def finished(oai: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 30) -> Any:
+    for _ in range(int(timeout_s / 0.05)):
+        batch = await oai.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} still {batch.status}")
+
+
+def with_app(config_: Any, scenario: Any) -> None:
+    async def go() -> None:
+        app = await in_process_app(config_, batches=True)
+        try:
+            await scenario(app)
+        finally:
+            await app.close()
+
+    run(go)
+
+
+def records(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in data.decode().splitlines()]
+
+
+# --- a batch end to end ---------------------------------------------------------------------------
+
+
+def test_a_batch_through_openais_client_answers_every_line_as_the_api_would_one_by_one(
+    tmp_path: Path,
+) -> None:
+    requests = [line(i, "small" if i % 2 else "tiny", max_tokens=2 + i % 4) for i in range(40)]
+    requests[7]["body"]["n"] = 99  # over the bound on `n`: that line's own 400
+
+    async def scenario(app: InProcessApp) -> None:
+        oai = client(app)
+        uploaded = await oai.files.create(file=("in.jsonl", jsonl(requests)), purpose="batch")
+        assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(requests))
+        batch = await oai.batches.create(
+            input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h", metadata={"team": "a"}
+        )
+        assert batch.status in ("validating", "in_progress") and batch.request_counts.total == 40
+        batch = await finished(oai, batch.id)
+        assert batch.status == "completed" and batch.metadata == {"team": "a"}
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (39, 1)
+        out = records((await oai.files.content(batch.output_file_id)).read())
+        err = records((await oai.files.content(batch.error_file_id)).read())
+        assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(40) if i != 7]
+        assert [r["custom_id"] for r in err] == ["req-7"]
+        assert err[0]["response"]["status_code"] == 400 and "n" in err[0]["error"]["message"]
+        async with app.client() as http:
+            for record, request in zip(
+                out[:6], [r for r in requests if r["custom_id"] != "req-7"], strict=False
+            ):
+                alone = (await http.post(CHAT, json=request["body"])).json()
+                assert record["response"]["status_code"] == 200
+                assert record["response"]["body"]["choices"] == alone["choices"]
+        assert batch.usage is not None and batch.usage.output_tokens == sum(
+            r["response"]["body"]["usage"]["completion_tokens"] for r in out
+        )
+        listed = await oai.batches.list()
+        assert [b.id for b in listed.data] == [batch.id]
+        files = {f.id: f.purpose for f in (await oai.files.list()).data}
+        assert files == {
+            uploaded.id: "batch",
+            batch.output_file_id: "batch_output",
+            batch.error_file_id: "batch_output",
+        }
+
+    with_app(cfg(tmp_path), scenario)
+
+
+def test_batch_requests_reach_the_replica_as_batch_requests_at_the_batch_priority(tmp_path: Path) -> None:
+    model = fake("small", engine_args={"scheduling_policy": "priority"})
+
+    async def scenario(app: InProcessApp) -> None:
+        oai = client(app)
+        uploaded = await oai.files.create(file=("in.jsonl", jsonl([line(0)])), purpose="batch")
+        batch = await oai.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+        assert (await finished(oai, batch.id)).status == "completed"
+        (handle,) = app.handles.values()
+        assert handle.keywords[-1]["batch"] is True
+        assert json.loads(handle.calls[-1][1])["priority"] == 7
+
+    with_app(cfg(tmp_path, model, batches={"priority": 7}), scenario)
+
+
+# --- bad files and bad batches -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"custom_id": "a"\n', "Line 1 of the file: The request body is not valid JSON"),
+        (jsonl([line(0)]) + b"[1, 2]\n", "Line 2 of the file: not a JSON object"),
+        (jsonl([line(0), line(0)]), "Line 2 of the file: 'custom_id' repeats"),
+        (jsonl([line(0, url="/v1/embeddings")]), "'url' '/v1/embeddings' is not served in batches"),
+        (jsonl([{**line(0), "method": "GET"}]), "'method' must be \"POST\""),
+        (jsonl([line(0, stream=True)]), "'body.stream' cannot be true"),
+        (jsonl([{**line(0), "body": {"messages": []}}]), "'body.model' must be a model's name"),
+        (
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "x": NaN}}',
+            "NaN",
+        ),
+        (b"\n\n", "The file holds no requests"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_a_file_that_is_not_a_batch_input_is_refused_naming_its_first_bad_line(
+    content: bytes, expected: str
+) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_lines(content, max_lines=10, max_body_bytes=10_000)
+    assert caught.value.status == 400 and expected in caught.value.message
+
+
+def test_upload_and_create_refuse_what_cannot_run_with_clear_errors(tmp_path: Path) -> None:
+    async def scenario(app: InProcessApp) -> None:
+        oai = client(app)
+        with pytest.raises(openai.BadRequestError, match="Line 1 of the file"):
+            await oai.files.create(file=("x.jsonl", b"not json\n"), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="more than 3 requests"):
+            await oai.files.create(file=("x.jsonl", jsonl([line(i) for i in range(4)])), purpose="batch")
+        with pytest.raises(openai.APIStatusError, match="limit") as big:
+            await oai.files.create(file=("x.jsonl", b"x" * 5000), purpose="batch")
+        assert big.value.status_code == 413
+        with pytest.raises(openai.BadRequestError, match="purpose"):
+            await oai.files.create(file=("x.jsonl", jsonl([line(0)])), purpose="fine-tune")
+        unknown = await oai.files.create(file=("x.jsonl", jsonl([line(0, "nope")])), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="`nope`, which is not served"):
+            await oai.batches.create(input_file_id=unknown.id, endpoint=CHAT, completion_window="24h")
+        good = await oai.files.create(file=("x.jsonl", jsonl([line(0)])), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="every line's 'url' must be the batch's endpoint"):
+            await oai.batches.create(
+                input_file_id=good.id, endpoint="/v1/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.BadRequestError, match="endpoint"):
+            await oai.batches.create(
+                input_file_id=good.id, endpoint="/v1/embeddings", completion_window="24h"
+            )  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError, match="24h"):
+            await oai.batches.create(input_file_id=good.id, endpoint=CHAT, completion_window="1h")  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            await oai.batches.create(input_file_id="file-nope", endpoint=CHAT, completion_window="24h")
+        assert [b.id for b in (await oai.batches.list()).data] == []
+
+    with_app(cfg(tmp_path, batches={"max_lines": 3, "max_file_bytes": 4000}), scenario)
+
+
+# --- keys ----------------------------------------------------------------------------------------------
+
+
+def test_a_key_sees_and_changes_only_its_own_files_and_batches(tmp_path: Path) -> None:
+    keys = {"api_keys": [hash_key("alice"), hash_key("bob")]}
+
+    async def scenario(app: InProcessApp) -> None:
+        alice, bob = client(app, "alice"), client(app, "bob")
+        uploaded = await alice.files.create(file=("a.jsonl", jsonl([line(0)])), purpose="batch")
+        batch = await alice.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+        for call in (
+            bob.files.retrieve(uploaded.id),
+            bob.files.content(uploaded.id),
+            bob.files.delete(uploaded.id),
+            bob.batches.retrieve(batch.id),
+            bob.batches.cancel(batch.id),
+            bob.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h"),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                await call
+        assert (await bob.files.list()).data == [] and (await bob.batches.list()).data == []
+        with pytest.raises(openai.AuthenticationError):
+            await client(app, "mallory").batches.list()
+        assert (await finished(alice, batch.id)).request_counts.completed == 1
+
+    with_app(cfg(tmp_path, auth=keys), scenario)
+
+
+def test_a_keyless_app_takes_uploads_only_with_an_authorization_header_no_form_can_send(
+    tmp_path: Path,
+) -> None:
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client() as http:
+            files = {"file": ("x.jsonl", jsonl([line(0)]))}
+            form = await http.post("/v1/files", files=files, data={"purpose": "batch"})
+            assert form.status_code == 403 and "Authorization" in form.json()["error"]["message"]
+            plain = await http.post(
+                "/v1/files", content=jsonl([line(0)]), headers={"authorization": "Bearer x"}
+            )
+            assert plain.status_code == 415
+            ok = await http.post(
+                "/v1/files", files=files, data={"purpose": "batch"}, headers={"authorization": "Bearer x"}
+            )
+            assert ok.status_code == 200, ok.text
+
+    with_app(cfg(tmp_path), scenario)
+
+
+def test_the_batch_api_is_off_where_the_config_turns_it_off(tmp_path: Path) -> None:
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client({"authorization": "Bearer x"}) as http:
+            assert (await http.get("/v1/batches")).status_code == 404
+            assert (await http.get("/v1/files")).status_code == 404
+
+    async def go() -> None:
+        app = await in_process_app(cfg(tmp_path, batches={"enabled": False}))
+        try:
+            await scenario(app)
+        finally:
+            await app.close()
+
+    run(go)
+
+
+# --- nothing lost ----------------------------------------------------------------------------------------
+
+
+class Flaky:
+    """A stand-in for the ingress: answers like the fake model, "not now" or a dead replica as
+    told, and counts what it was sent."""
+
+    def __init__(
+        self, failures: list[Any] | None = None, hold: asyncio.Event | None = None, delay_s: float = 0.0
+    ) -> None:
+        self.failures = failures or []
+        self.sent: list[str] = []
+        self.hold = hold
+        self.delay_s = delay_s
+
+    async def __call__(self, owner: str, route: Route, body: bytes, request_id: str) -> LineAnswer:
+        self.sent.append(request_id)
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, BaseException):
+                raise failure
+            return LineAnswer(failure, b'{"error": {"message": "later"}}', request_id)
+        await asyncio.sleep(self.delay_s)
+        if self.hold is not None:
+            await self.hold.wait()
+        usage = {"prompt_tokens": 3, "completion_tokens": 2}
+        return LineAnswer(
+            200, json.dumps({"echo": json.loads(body), "usage": usage}).encode(), request_id, 3, 2
+        )
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never came")
+
+
+async def submit(service: BatchService, lines: list[dict[str, Any]], owner: str = "anonymous") -> str:
+    uploaded = await service.create_file(owner, "in.jsonl", "batch", jsonl(lines))
+    created = await service.create_batch(owner, uploaded["id"], CHAT, "24h", None, ["small"])
+    return str(created["id"])
+
+
+async def wait_status(
+    service: BatchService, batch_id: str, done: tuple[str, ...] = runner.FINAL
+) -> dict[str, Any]:
+    for _ in range(400):
+        batch = await service.get_batch("anonymous", batch_id)
+        if batch["status"] in done:
+            return batch
+        await asyncio.sleep(0.05)
+    raise AssertionError(batch)
+
+
+def test_answers_that_say_not_now_are_sent_again_and_written_once(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(runner, "FIRST_RETRY_S", 0.01)
+    flaky = Flaky([503, RuntimeError("ingress died"), 429])
+
+    async def scenario() -> None:
+        service = await start_batch_service(cfg(tmp_path), flaky)
+        batch_id = await submit(service, [line(i) for i in range(5)])
+        batch = await wait_status(service, batch_id)
+        assert batch["request_counts"] == {"total": 5, "completed": 5, "failed": 0}
+        out = records(await service.file_content("anonymous", batch["output_file_id"]))
+        assert sorted(r["custom_id"] for r in out) == [f"req-{i}" for i in range(5)]
+        assert len(flaky.sent) == 8 and len(set(flaky.sent)) == 8  # each attempt has its own id
+        await service.stop()
+
+    run(scenario)
+
+
+def test_a_batch_resumes_after_its_service_stops_and_answers_each_line_exactly_once(tmp_path: Path) -> None:
+    config_ = cfg(tmp_path, batches={"max_in_flight_per_model": 2})
+    lines = [line(i) for i in range(30)]
+
+    async def scenario() -> None:
+        first = Flaky(delay_s=0.02)
+        service = await start_batch_service(config_, first)
+        batch_id = await submit(service, lines)
+        await until(lambda: len(first.sent) >= 12)
+        first.hold = asyncio.Event()  # what is in flight now never returns: the service dies
+        await asyncio.sleep(runner.FLUSH_S + 0.2)  # what was answered is written
+        await service.stop()
+        answered_before = len(first.sent) - 2
+        second = Flaky()
+        resumed = await start_batch_service(config_, second)  # a new replica on the same store
+        batch = await wait_status(resumed, batch_id)
+        assert batch["status"] == "completed"
+        assert batch["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+        assert len(second.sent) == 30 - answered_before  # only what no part held
+        out = records(await resumed.file_content("anonymous", batch["output_file_id"]))
+        assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(30)]
+        assert batch["usage"]["total_tokens"] == 30 * 5
+        await resumed.stop()
+
+    run(scenario)
+
+
+def test_a_cancelled_batch_stops_sending_and_keeps_what_was_answered(tmp_path: Path) -> None:
+    config_ = cfg(tmp_path, batches={"max_in_flight_per_model": 1})
+
+    async def scenario() -> None:
+        flaky = Flaky(hold=asyncio.Event())
+        service = await start_batch_service(config_, flaky)
+        batch_id = await submit(service, [line(i) for i in range(10)])
+        await until(lambda: bool(flaky.sent))
+        cancelling = await service.cancel_batch("anonymous", batch_id)
+        assert cancelling["status"] == "cancelling"
+        batch = await wait_status(service, batch_id)
+        assert batch["status"] == "cancelled" and batch["cancelled_at"] is not None
+        assert len(flaky.sent) == 1 and batch["output_file_id"] is None
+        again = await service.cancel_batch("anonymous", batch_id)
+        assert again.status == 400  # a Refusal: it is over
+        await service.stop()
+
+    run(scenario)
+
+
+# --- interactive first -------------------------------------------------------------------------------------
+
+
+def test_batch_requests_wait_while_an_interactive_request_waits_for_its_first_item() -> None:
+    async def scenario() -> None:
+        lanes = Lanes()
+        with lanes.interactive() as started:
+            turn = asyncio.ensure_future(lanes.batch_turn())
+            await asyncio.sleep(0.05)
+            assert not turn.done() and lanes.starting == 1
+            started()
+            await asyncio.wait_for(turn, 1)
+            started()  # once only
+            assert lanes.starting == 0
+        with lanes.interactive():
+            pass  # ended without an item: no longer counted
+        await asyncio.wait_for(lanes.batch_turn(), 1)
+
+    run(scenario)
+
+
+def test_a_removed_key_s_batch_requests_are_refused(tmp_path: Path) -> None:
+    async def scenario(app: InProcessApp) -> None:
+        answer = await app.ingress.batch_line(hash_key("gone"), Route.CHAT, json.dumps(chat()).encode(), "r1")
+        assert answer.status == 401
+        stream = await app.ingress.batch_line(
+            hash_key("k"), Route.CHAT, json.dumps(chat(stream=True)).encode(), "r2"
+        )
+        assert stream.status == 400
+
+    with_app(cfg(tmp_path, auth={"api_keys": [hash_key("k")]}), scenario)
+
+
+def test_the_store_is_whole_objects_only(tmp_path: Path) -> None:
+    from serve_app.serving.batches.store import BatchStore
+
+    store = BatchStore(str(tmp_path / "s"))
+    store.put("a/b", b"1")
+    (tmp_path / "s" / "a" / "c.123.tmp").write_bytes(b"half")  # a crash mid-write
+    assert store.children("a") == ["b"] and store.get("a/b") == b"1"
+    store.delete("a")
+    assert store.children("a") == []
+    with pytest.raises(FileNotFoundError):
+        store.get("a/b")

@@ -3,6 +3,7 @@
     python -m serve_app run [CONFIG]        # default: configs/local.yaml
     python -m serve_app check CONFIG        # validate a config and build the app, start nothing
     python -m serve_app models [DIR]        # write the demo models and their LoRA adapters (default: ./models)
+    python -m serve_app batch submit FILE --wait   # an offline batch through the app (serve_app.tools.batch)
 
 `run` starts a private local Ray instance (serve_app.local.launcher: never a cluster that runs
 on the machine already), deploys the application, shows progress while the engines load, prints
@@ -26,6 +27,7 @@ from serve_app.guards.auth import check_exposure, hash_key
 from serve_app.local.front import HAPROXY_NOTE, add_front_option
 from serve_app.local.launcher import LocalServe
 from serve_app.local.ray_token import token_hint
+from serve_app.tools.batch import add_batch_commands
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="write the demo models")
     models.add_argument("out_dir", nargs="?", type=Path, default=Path("models"))
     models.set_defaults(func=cmd_models)
+    add_batch_commands(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

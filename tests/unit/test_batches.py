@@ -15,11 +15,21 @@ import pytest
 from serve_app.engine.protocol import Route
 from serve_app.errors import ApiError
 from serve_app.guards.auth import hash_key
+from serve_app.local.cli import main
 from serve_app.serving.batches import runner
 from serve_app.serving.batches.format import LineAnswer, parse_lines
 from serve_app.serving.batches.service import BatchService
 from serve_app.serving.lanes import Lanes
-from tests.support.inprocess import InProcessApp, chat, config, fake, in_process_app, run, start_batch_service
+from tests.support.inprocess import (
+    InProcessApp,
+    chat,
+    config,
+    fake,
+    in_process_app,
+    over_http,
+    run,
+    start_batch_service,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -418,3 +428,43 @@ def test_the_store_is_whole_objects_only(tmp_path: Path) -> None:
     assert store.children("a") == []
     with pytest.raises(FileNotFoundError):
         store.get("a/b")
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+
+def test_the_batch_command_submits_waits_with_a_progress_bar_and_writes_both_files(
+    tmp_path: Path, capsys: Any
+) -> None:
+    requests = [line(i) for i in range(12)]
+    requests[3]["body"]["n"] = 99
+    path = tmp_path / "reqs.jsonl"
+    path.write_bytes(jsonl(requests))
+
+    async def scenario(app: InProcessApp) -> None:
+        async with over_http(app.app) as url:
+
+            def cli(*argv: str) -> int:
+                return main(["batch", "--url", url, *argv])
+
+            assert await asyncio.to_thread(cli, "submit", str(path), "--wait", "--interval", "0.05") == 0
+            err = capsys.readouterr()
+            batch_id = err.out.splitlines()[0]
+            assert "12/12" in err.err and "failed=1" in err.err  # the bar's last state
+            assert f"batch {batch_id} completed: 11 completed, 1 failed of 12" in err.out
+            out = records((tmp_path / "reqs.output.jsonl").read_bytes())
+            assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(12) if i != 3]
+            assert [r["custom_id"] for r in records((tmp_path / "reqs.errors.jsonl").read_bytes())] == [
+                "req-3"
+            ]
+            assert await asyncio.to_thread(cli, "list") == 0
+            assert batch_id in capsys.readouterr().out
+            assert await asyncio.to_thread(cli, "cancel", batch_id) == 1
+            assert "cannot be cancelled" in capsys.readouterr().err
+            (tmp_path / "bad.jsonl").write_bytes(b"nope\n")
+            assert (
+                await asyncio.to_thread(cli, "submit", str(tmp_path / "bad.jsonl"), "--endpoint", CHAT) == 1
+            )
+            assert "400: Line 1 of the file" in capsys.readouterr().err
+
+    with_app(cfg(tmp_path), scenario)

@@ -439,7 +439,7 @@ class BatchMetrics:
     """The batch service's requests (serve_app.serving.batches) as Ray metrics, by model: lines
     waiting for one of the model's batch slots (`queued`) and in flight (`running`), lines
     answered by outcome (`completed`: a 2xx answer; `failed`: any other, or expired), and their
-    tokens; and the batches not yet finished, by status."""
+    tokens."""
 
     def __init__(self) -> None:
         from ray.util import metrics
@@ -459,9 +459,6 @@ class BatchMetrics:
             description="Prompt and completion tokens of answered batch requests, by model.",
             tag_keys=("model", "kind"),
         )
-        self._batches = metrics.Gauge(
-            "mistral_serve_batches", description="Batches not yet finished, by status.", tag_keys=("status",)
-        )
         self._models: set[str] = set()
 
     def answered(self, model: str, record: dict[str, Any]) -> None:
@@ -474,12 +471,9 @@ class BatchMetrics:
                 if tokens := int(usage.get(f"{kind}_tokens") or 0):
                     self._tokens.inc(tokens, tags={"model": model, "kind": kind})
 
-    def report(self, queued: dict[str, int], running: dict[str, int], statuses: Iterable[str]) -> None:
-        """Set the gauges: lines queued and running per model, batches per status."""
+    def report(self, queued: dict[str, int], running: dict[str, int]) -> None:
+        """Set the gauges: lines queued and running per model."""
         self._models |= set(queued) | set(running)
         for model in self._models:
             self._lines.set(queued.get(model, 0), tags={"model": model, "state": "queued"})
             self._lines.set(running.get(model, 0), tags={"model": model, "state": "running"})
-        counts = Tally(statuses)
-        for status in ("validating", "in_progress", "finalizing", "cancelling"):
-            self._batches.set(counts.get(status, 0), tags={"status": status})

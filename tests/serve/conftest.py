@@ -59,7 +59,7 @@ ADMIN_KEY = "serve-tests-admin-key"
 
 
 @pytest.fixture(scope="package")
-def local_app() -> Iterator[RunningApp]:
+def local_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     """configs/local.yaml served on a free loopback port by the launcher `serve_app run` uses;
     stopped with every process it made.
 
@@ -74,7 +74,9 @@ def local_app() -> Iterator[RunningApp]:
     )
     # The admin routes on, with a key of their own (tests/serve/test_adapters.py).
     auth = config.auth.model_copy(update={"admin": KeySources(api_keys=(hash_key(ADMIN_KEY),))})
-    config = config.model_copy(update={"models": models, "auth": auth})
+    # Batches kept in a directory of this run's (tests/serve/test_batches.py).
+    batches = config.batches.model_copy(update={"store": str(tmp_path_factory.mktemp("batches"))})
+    config = config.model_copy(update={"models": models, "auth": auth, "batches": batches})
     # Metrics reach Ray's endpoint within a second (default 10 s), for the observability tests.
     metrics_env = {"RAY_metrics_report_interval_ms": "1000"}
     with LocalServe(dashboard_port=free_port(), env=metrics_env) as local:

@@ -23,7 +23,7 @@ from serve_app.serving import telemetry
 from serve_app.tools import dashboard as dash
 from serve_app.tools.dashboard import DashboardError, metric_names, substitute
 
-ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors", "Warm tier"]
+ROWS = ["Traffic", "Latency", "Capacity", "Scaling", "Errors", "Warm tier", "Batches"]
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +218,29 @@ def test_warm_tier_row(board: dict[str, Any]) -> None:
     assert metric_names(expr) == {"ray_mistral_serve_model_sleeps_total"}
 
 
-def test_warm_tier_panels_are_laid_out_below_the_rest(board: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("title", "cells"), [("Warm tier", 4), ("Batches", 3)])
+def test_the_last_rows_are_laid_out_below_the_rest(board: dict[str, Any], title: str, cells: int) -> None:
     top = board["panels"]
-    row = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == "Warm tier")
+    row = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == title)
     above = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in top[:row])
     assert top[row]["gridPos"] == {"h": 1, "w": 24, "x": 0, "y": above}
-    cells = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in top[row + 1 :]]
-    assert cells == [(0, above + 1), (8, above + 1), (16, above + 1), (0, above + 9)]
-    assert all(p["gridPos"]["w"] == 8 and p["gridPos"]["h"] == 8 for p in top[row + 1 :])
+    panels = top[row + 1 : row + 1 + cells]
+    grid = [(0, above + 1), (8, above + 1), (16, above + 1), (0, above + 9)][:cells]
+    assert [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels] == grid
+    assert all(p["gridPos"]["w"] == 8 and p["gridPos"]["h"] == 8 for p in panels)
+
+
+def test_batches_row(board: dict[str, Any]) -> None:
+    batches = _row(board, "Batches")
+    assert list(batches) == ["Batch requests queued / running", "Batch requests answered/s", "Batch tokens/s"]
+    expected = [
+        ("ray_mistral_serve_batch_lines", {"model", "state"}),
+        ("ray_mistral_serve_batch_lines_answered_total", {"model", "outcome"}),
+        ("ray_mistral_serve_batch_tokens_total", {"model", "kind"}),
+    ]
+    for panel, (name, labels) in zip(batches.values(), expected, strict=True):
+        ((expr, _),) = panel.targets
+        assert metric_names(expr) == {name} and _labels(expr) == labels, expr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,8 +328,7 @@ class BatchService:
     async def _report(self, metrics: BatchMetrics) -> None:
         while True:
             try:
-                statuses = [r.meta["status"] for r in self._runs.values()]
-                metrics.report(self._slots.queued, self._slots.running, statuses)
+                metrics.report(self._slots.queued, self._slots.running)
             except Exception as exc:  # never let metrics stop the service
                 logger.warning("cannot report batch metrics: %r", exc)
             await asyncio.sleep(GAUGE_PERIOD_S)

@@ -20,7 +20,7 @@ endif
 STAMP := $(VENV)/.installed
 DEMO_MODELS := $(MODELS_DIR)/tiny-mistral-v3/params.json $(MODELS_DIR)/tiny-mistral-v7/params.json $(MODELS_DIR)/tiny-mistral-tekken/params.json $(MODELS_DIR)/tiny-pixtral/params.json $(MODELS_DIR)/adapters/tiny-mistral-v3-lora-0/adapter_config.json
 
-.PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns bench-adapters soak
+.PHONY: install models run check test lint unit clean tools docs-pictures bench bench-turns bench-adapters bench-batch soak
 
 # The observability tests run a real Prometheus server: Debian's package, installed when
 # missing (as root), else name another binary with PROMETHEUS=/path/to/prometheus.
@@ -61,6 +61,12 @@ bench-turns: install models
 ADAPTERS_CONFIG ?= configs/bench-cpu-adapters.yaml
 bench-adapters: install models
 	$(PY) -m serve_app.tools.bench.adapters $(ADAPTERS_CONFIG) $(BENCH_ARGS)
+
+# Offline batches: a 2,000-line batch over both demo models, interactive TTFT beside it, parity
+# with the same requests one by one, and a batch through an ingress kill and an app restart.
+BATCH_CONFIG ?= configs/bench-cpu-batch.yaml
+bench-batch: install models
+	$(PY) -m serve_app.tools.bench.batch $(BATCH_CONFIG) $(BENCH_ARGS)
 
 check: install
 	$(PY) -m serve_app check $(CONFIG)

@@ -3,7 +3,7 @@
     python -m serve_app run [CONFIG]        # default: configs/local.yaml
     python -m serve_app check CONFIG        # validate a config and build the app, start nothing
     python -m serve_app models [DIR]        # write the demo models and their LoRA adapters (default: ./models)
-    python -m serve_app batch submit FILE --wait   # an offline batch through the app (serve_app.tools.batch)
+    python -m serve_app batch submit FILE --wait   # an offline batch through the app (serve_app.local.batch)
 
 `run` starts a private local Ray instance (serve_app.local.launcher: never a cluster that runs
 on the machine already), deploys the application, shows progress while the engines load, prints
@@ -24,10 +24,10 @@ from typing import Any
 
 from serve_app.config import ConfigError, ServeFile, load_app_config, load_serve_file
 from serve_app.guards.auth import check_exposure, hash_key
+from serve_app.local.batch import add_batch_commands
 from serve_app.local.front import HAPROXY_NOTE, add_front_option
 from serve_app.local.launcher import LocalServe
 from serve_app.local.ray_token import token_hint
-from serve_app.tools.batch import add_batch_commands
 
 DEFAULT_CONFIG = Path("configs/local.yaml")
 

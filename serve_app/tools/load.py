@@ -306,6 +306,26 @@ async def closed_loop(
     return out, wall
 
 
+async def open_loop(
+    base_url: str, calls: Sequence[Call], interval_s: float, api_key: str | None = None
+) -> tuple[list[Result], float]:
+    """Send `calls` one every `interval_s` seconds, whether or not earlier ones have been
+    answered (arrivals, as independent users make them); the results in call order, and the
+    wall time to the last answer."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        t0 = time.perf_counter()
+
+        async def at(i: int, call: Call) -> Result:
+            await asyncio.sleep(max(0.0, t0 + i * interval_s - time.perf_counter()))
+            return await send(session, base_url, call, t0, api_key)
+
+        results = await asyncio.gather(*(at(i, c) for i, c in enumerate(calls)))
+        return list(results), time.perf_counter() - t0
+
+
 class LoadThread:
     """A closed loop run on its own event loop in a thread, read while it runs (soak, load step)."""
 

@@ -1,0 +1,376 @@
+"""The benchmark of offline batches: a large batch across the app's models, what it does to
+interactive latency, whether its answers are those of the same requests sent one by one, and
+whether it survives its ingress killed and the whole app restarted.
+
+    python -m serve_app.tools.bench.batch [CONFIG] [--lines 2000] [--output-tokens 16]
+        [--interactive 120] [--interactive-rate 2] [--interactive-output-tokens 32]
+        [--restart-lines 400] [--seed 0] [--front haproxy] [--out bench/]
+
+CONFIG (default configs/bench-cpu-batch.yaml) is served on a private Ray and a free loopback
+port, its batch store in a new temporary directory. In order:
+1. alone: `--interactive` streamed chats, one every 1/`--interactive-rate` s whatever the
+   answers (arrivals), alternating over the models, each a new question: time to first token;
+2. with a batch: a batch of `--lines` chats (greedy, `--output-tokens` out, questions of their
+   own) over the models, uploaded and started; then the same interactive arrivals as in 1: the
+   TTFT against 1's; then the batch to its end: lines/s, output tokens/s;
+3. exactly once: the output and error files hold each custom_id once, and all of them;
+4. parity: every line sent alone (8 at a time, not streamed): its answer against the batch's;
+5. restart: a batch of the first `--restart-lines` lines; once a tenth is answered, the ingress
+   replica is SIGKILLed; once a third is, the whole app (Ray included) is stopped and started
+   again on the same store; the batch then runs to its end: each line answered once, and as in 2.
+Prints the figures and writes `batch-<UTC time>.json` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serve_app.local.batch import BatchClient
+from serve_app.local.front import add_front_option
+from serve_app.local.launcher import free_port
+from serve_app.tools.bench.driver import machine
+from serve_app.tools.bench.report import ms, percentile
+from serve_app.tools.bench.targets import BenchError, OurApp
+from serve_app.tools.bench.turns import words
+from serve_app.tools.load import Call, Result, chat_call, closed_loop, open_loop
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
+
+DEFAULT_CONFIG = Path("configs/bench-cpu-batch.yaml")
+CHAT = "/v1/chat/completions"
+POLL_S = 0.5
+
+
+def batch_lines(models: Sequence[str], count: int, output_tokens: int, seed: str) -> list[dict[str, Any]]:
+    """`count` greedy chats over `models` in turn, each a question of its own."""
+    rng = random.Random(seed)
+    return [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": {
+                "model": models[i % len(models)],
+                "messages": [{"role": "user", "content": words(rng, 24)}],
+                "max_tokens": output_tokens,
+                "temperature": 0,
+            },
+        }
+        for i in range(count)
+    ]
+
+
+def interactive_calls(models: Sequence[str], count: int, output_tokens: int, seed: str) -> list[Call]:
+    rng = random.Random(seed)
+    return [
+        chat_call(models[i % len(models)], words(rng, 32), output_tokens, kind="interactive", temperature=0)
+        for i in range(count)
+    ]
+
+
+def ttft(results: Sequence[Result], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.complete and r.ttft_s is not None]
+    times = [r.ttft_s for r in ok if r.ttft_s is not None]
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "wall_s": round(wall_s, 2),
+        "ttft_p50_ms": ms(percentile(times, 50)),
+        "ttft_p95_ms": ms(percentile(times, 95)),
+    }
+
+
+# --- the batch -----------------------------------------------------------------------------
+
+
+def submit(client: BatchClient, lines: list[dict[str, Any]], folder: Path, name: str) -> str:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    uploaded = client.upload(path)
+    return str(client.create(uploaded["id"], CHAT, {"bench": name})["id"])
+
+
+def wait_for(
+    get: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], bool], timeout_s: float
+) -> dict[str, Any]:
+    """Poll `get()` until `done` (through the errors of an app restarting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            batch = get()
+            if done(batch):
+                return batch
+        except Exception as exc:  # the ingress or the app restarting
+            batch = {"error": repr(exc)[:200]}
+        if time.monotonic() > deadline:
+            raise BenchError(f"the batch did not get there within {timeout_s:.0f} s: {batch}")
+        time.sleep(POLL_S)
+
+
+def answered(at_least: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda b: b["request_counts"]["completed"] + b["request_counts"]["failed"] >= at_least
+
+
+def finished(batch: dict[str, Any]) -> bool:
+    return batch.get("status") in ("completed", "failed", "expired", "cancelled")
+
+
+def outputs(client: BatchClient, batch: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """Every output and error line of a finished batch."""
+    lines: list[dict[str, Any]] = []
+    for kind in ("output_file_id", "error_file_id"):
+        if file_id := batch.get(kind):
+            path = folder / f"{file_id}.jsonl"
+            client.download(file_id, path)
+            lines += [json.loads(x) for x in path.read_text().splitlines()]
+    return lines
+
+
+def exactly_once(lines: list[dict[str, Any]], sent: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lines lost, duplicated, unknown and failed, of a batch's outputs against its input."""
+    counts = Counter(r["custom_id"] for r in lines)
+    wanted = {s["custom_id"] for s in sent}
+    return {
+        "lines": len(sent),
+        "answered": len(lines),
+        "lost": len(wanted - set(counts)),
+        "duplicated": sum(1 for c in counts.values() if c > 1),
+        "unknown": len(set(counts) - wanted),
+        "failed": sum(1 for r in lines if r.get("error") is not None),
+    }
+
+
+def answer_text(record: dict[str, Any]) -> str | None:
+    body = (record.get("response") or {}).get("body") or {}
+    try:
+        return str(body["choices"][0]["message"]["content"])
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def parity(url: str, lines: list[dict[str, Any]], answers: dict[str, str | None]) -> dict[str, Any]:
+    """Every line sent alone: how many answers equal the batch's."""
+    pending = iter(lines)
+    ids: list[str] = []
+
+    def next_call() -> Call | None:
+        line = next(pending, None)
+        if line is None:
+            return None
+        ids.append(line["custom_id"])
+        return Call(CHAT, line["body"], kind=line["custom_id"], keep_text=True)
+
+    results, wall = asyncio.run(closed_loop(url, next_call, 8))
+    same = sum(1 for r in results if r.complete and answers.get(r.kind) == r.text)
+    differ = [r.kind for r in results if r.complete and answers.get(r.kind) != r.text]
+    return {
+        "lines": len(lines),
+        "identical": same,
+        "different": len(differ),
+        "different_ids": differ[:10],
+        "errors": sum(1 for r in results if not r.complete),
+        "wall_s": round(wall, 1),
+    }
+
+
+# --- the phases ----------------------------------------------------------------------------
+
+
+def kill_ingress() -> int:
+    """SIGKILL the ingress replica's process (the Ray actor of its deployment); its pid."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    pids = [a.pid for a in actors if "OpenAIIngress" in (a.class_name or "") and a.pid]
+    if not pids:
+        raise BenchError("no ingress replica found to kill")
+    os.kill(pids[0], signal.SIGKILL)
+    return int(pids[0])
+
+
+def start(config: AppConfig, args: argparse.Namespace, port: int) -> tuple[OurApp, str]:
+    app = OurApp(config, port, args.start_timeout_s, args.front)
+    began = time.monotonic()
+    url = app.start()
+    print(f"  app ready in {time.monotonic() - began:.0f} s on {url}", flush=True)
+    return app, url
+
+
+def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    models = [m.id for m in config.models]
+    port = free_port()
+    print(f"starting {', '.join(models)} (batch store {config.batches.store})...", flush=True)
+    app, url = start(config, args, port)
+    client = BatchClient(url, None)
+    record: dict[str, Any] = {}
+    try:
+        warm = interactive_calls(models, 8, 8, f"{args.seed}/warm")
+        asyncio.run(open_loop(url, warm, 0.1))
+        calls = interactive_calls(
+            models, args.interactive, args.interactive_output_tokens, f"{args.seed}/chat"
+        )
+        interval = 1 / args.interactive_rate
+        print(f"alone: {len(calls)} interactive chats, one every {interval:.2f} s...", flush=True)
+        record["alone"] = ttft(*asyncio.run(open_loop(url, calls, interval)))
+        print(f"  {record['alone']}", flush=True)
+
+        lines = batch_lines(models, args.lines, args.output_tokens, f"{args.seed}/batch")
+        started = time.monotonic()
+        batch_id = submit(client, lines, folder, "batch")
+        print(f"with a batch of {len(lines)} lines ({batch_id}): the same interactive chats...", flush=True)
+        record["with_batch"] = ttft(*asyncio.run(open_loop(url, calls, interval)))
+        during = client.get(batch_id)
+        record["with_batch"]["batch_lines_answered_meanwhile"] = (
+            during["request_counts"]["completed"] + during["request_counts"]["failed"]
+        )
+        print(f"  {record['with_batch']}", flush=True)
+        batch = wait_for(lambda: client.get(batch_id), finished, args.batch_timeout_s)
+        wall = time.monotonic() - started
+        out = outputs(client, batch, folder)
+        tokens = (batch.get("usage") or {}).get("output_tokens") or 0
+        record["batch"] = {
+            "status": batch["status"],
+            "request_counts": batch["request_counts"],
+            "wall_s": round(wall, 1),
+            "lines_s": round(len(lines) / wall, 2),
+            "output_tokens": tokens,
+            "output_tok_s": round(tokens / wall, 1),
+            **exactly_once(out, lines),
+        }
+        print(f"  batch: {record['batch']}", flush=True)
+        answers = {r["custom_id"]: answer_text(r) for r in out}
+        print(f"parity: {len(lines)} lines sent one by one...", flush=True)
+        record["parity"] = parity(url, lines, answers)
+        print(f"  {record['parity']}", flush=True)
+
+        restart_lines = lines[: args.restart_lines]
+        restart_id = submit(client, restart_lines, folder, "restart")
+        print(f"restart: a batch of {len(restart_lines)} lines ({restart_id})...", flush=True)
+        wait_for(lambda: client.get(restart_id), answered(len(restart_lines) // 10), args.batch_timeout_s)
+        killed = kill_ingress()
+        print(f"  ingress replica (pid {killed}) SIGKILLed", flush=True)
+        at_stop = wait_for(
+            lambda: client.get(restart_id), answered(len(restart_lines) // 3), args.batch_timeout_s
+        )
+        print(f"  {at_stop['request_counts']}: stopping the whole app...", flush=True)
+        client.close()
+        app.stop()
+        app, url = start(config, args, port)
+        client = BatchClient(url, None)
+        restarted = wait_for(lambda: client.get(restart_id), finished, args.batch_timeout_s)
+        again = outputs(client, restarted, folder)
+        record["restart"] = {
+            "status": restarted["status"],
+            "request_counts": restarted["request_counts"],
+            "answered_at_stop": at_stop["request_counts"],
+            **exactly_once(again, restart_lines),
+            "same_answers_as_the_first_batch": sum(
+                1
+                for r in again
+                if answer_text(r) is not None and answer_text(r) == answers.get(r["custom_id"])
+            ),
+        }
+        print(f"  {record['restart']}", flush=True)
+        return record
+    finally:
+        client.close()
+        app.stop()
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    alone, busy = record["alone"]["ttft_p95_ms"], record["with_batch"]["ttft_p95_ms"]
+    return {
+        "ttft_p95_ms_alone": alone,
+        "ttft_p95_ms_with_batch": busy,
+        "ttft_p95_rise": round(busy / alone - 1, 4) if alone and busy else None,
+        "batch_lines_s": record["batch"]["lines_s"],
+        "batch_output_tok_s": record["batch"]["output_tok_s"],
+        "lost": record["batch"]["lost"] + record["restart"]["lost"],
+        "duplicated": record["batch"]["duplicated"] + record["restart"]["duplicated"],
+        "parity": f"{record['parity']['identical']}/{record['parity']['lines']}",
+        "restart": f"{record['restart']['status']}, {record['restart']['answered']}/{record['restart']['lines']} lines",
+    }
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve_app.tools.bench.batch", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG, help="app config (YAML)")
+    parser.add_argument("--lines", type=int, default=2000, help="requests in the batch")
+    parser.add_argument("--output-tokens", type=int, default=16, help="of each batch request")
+    parser.add_argument("--interactive", type=int, default=120, help="interactive chats per phase")
+    parser.add_argument("--interactive-rate", type=float, default=2.0, help="interactive chats per second")
+    parser.add_argument("--interactive-output-tokens", type=int, default=32)
+    parser.add_argument("--restart-lines", type=int, default=400, help="of the batch restarted mid-way")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-timeout-s", type=float, default=600.0)
+    parser.add_argument("--batch-timeout-s", type=float, default=3600.0)
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    add_front_option(parser)
+    args = parser.parse_args(argv)
+    for name in ("lines", "output_tokens", "interactive", "interactive_output_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 10 <= args.restart_lines <= args.lines:
+        parser.error("--restart-lines must be between 10 and --lines")
+    if args.interactive_rate <= 0:
+        parser.error("--interactive-rate must be positive")
+    return args
+
+
+def load_config(path: Path, store: Path) -> AppConfig:
+    from serve_app.config import load_app_config, load_serve_file
+
+    serve_file = load_serve_file(path)
+    config = load_app_config(serve_file.args, source=f"{path} (application '{serve_file.app_name}' args)")
+    return config.model_copy(update={"batches": config.batches.model_copy(update={"store": str(store)})})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from serve_app.config import ConfigError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="mistral-serve-batch-bench-") as tmp:
+        folder = Path(tmp)
+        try:
+            config = load_config(args.config, folder / "store")
+            record = measure(config, args, folder)
+        except (ConfigError, BenchError) as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+    report = {
+        "kind": "batch",
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": str(args.config),
+        "models": [m.id for m in config.models],
+        "batches": config.batches.model_dump(exclude={"store"}),
+        "conditions": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "record": record,
+        "summary": summary(record),
+    }
+    print(json.dumps(report["summary"], indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"batch-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,10 @@ send a keyless app and the key's quota (`admission`), the body's bounds (`payloa
 it names (`catalog`) and the key's quota on it, what the key decides in the body (`admission`),
 the send to a replica with its wait bound and one retry (`dispatch`), then the answer, whole
 or relayed (`relay`). Each step refuses with an `ApiError`, answered here in OpenAI's shape.
+
+The Batch API's routes (`/v1/files`, `/v1/batches`) are answered by the batch service
+(serve_app.serving.batches); it sends each request of a batch back here (`batch_line`), where
+it takes the same steps from the key's quota on, as the key that created the batch.
 """
 
 from __future__ import annotations

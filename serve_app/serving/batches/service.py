@@ -146,20 +146,31 @@ class BatchService:
     async def create_file(self, owner: str, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
         if purpose != INPUT_PURPOSE:
             raise ApiError(400, f"'purpose' must be '{INPUT_PURPOSE}' (batch input files).", param="purpose")
-        lines = parse_lines(
-            data, max_lines=self._options.max_lines, max_body_bytes=self._limits.max_body_bytes
+        # Off the event loop: a large file takes a while to read, and batches run on this loop.
+        lines = await asyncio.to_thread(
+            parse_lines, data, max_lines=self._options.max_lines, max_body_bytes=self._limits.max_body_bytes
         )
         if sum(1 for f in self._files.values() if f["owner"] == owner) >= self._options.max_files_per_key:
             raise ApiError(
                 400, f"This key keeps {self._options.max_files_per_key} files already: delete some first."
             )
         summary = summarize(lines)
-        meta = self._add_file(new_id("file-"), owner, filename[:MAX_FILENAME_CHARS], purpose, data)
-        meta["_summary"] = {"lines": summary.lines, "urls": summary.urls, "models": summary.models}
-        self._store.put_json(f"files/{meta['id']}/meta.json", meta)
+        extra = {"_summary": {"lines": summary.lines, "urls": summary.urls, "models": summary.models}}
+        meta = await asyncio.to_thread(
+            self._add_file, new_id("file-"), owner, filename[:MAX_FILENAME_CHARS], purpose, data, extra
+        )
         return public(_shown_file(meta))
 
-    def _add_file(self, file_id: str, owner: str, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
+    def _add_file(
+        self,
+        file_id: str,
+        owner: str,
+        filename: str,
+        purpose: str,
+        data: bytes,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Store a file (its data, then its meta: a file without a meta is never shown)."""
         meta = {
             "id": file_id,
             "object": "file",
@@ -169,6 +180,7 @@ class BatchService:
             "purpose": purpose,
             "status": "processed",
             "owner": owner,
+            **(extra or {}),
         }
         self._store.put(f"files/{file_id}/data", data)
         self._store.put_json(f"files/{file_id}/meta.json", meta)
@@ -188,7 +200,7 @@ class BatchService:
     @refusing
     async def file_content(self, owner: str, file_id: str) -> bytes:
         self._file(owner, file_id)
-        return self._store.get(f"files/{file_id}/data")
+        return await asyncio.to_thread(self._store.get, f"files/{file_id}/data")
 
     @refusing
     async def list_files(

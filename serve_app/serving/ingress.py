@@ -134,12 +134,11 @@ class OpenAIIngress:
         )
 
     async def files_list(self, request: Request) -> Response:
-        purpose, after = query_text(request, "purpose"), query_text(request, "after")
-        return await self._batch_call(
-            request,
-            "files",
-            lambda owner: self._batches.call("list_files", owner, purpose, query_limit(request, 100), after),
-        )
+        def listed(owner: str) -> Awaitable[Any]:
+            purpose, after = query_text(request, "purpose"), query_text(request, "after")
+            return self._batches.call("list_files", owner, purpose, query_limit(request, 100), after)
+
+        return await self._batch_call(request, "files", listed)
 
     async def file_get(self, file_id: str, request: Request) -> Response:
         return await self._batch_call(
@@ -165,12 +164,11 @@ class OpenAIIngress:
         return await self._batch_call(request, "batches", create, has_body=True)
 
     async def batches_list(self, request: Request) -> Response:
-        after = query_text(request, "after")
-        return await self._batch_call(
-            request,
-            "batches",
-            lambda owner: self._batches.call("list_batches", owner, query_limit(request, 20), after),
-        )
+        def listed(owner: str) -> Awaitable[Any]:
+            after = query_text(request, "after")
+            return self._batches.call("list_batches", owner, query_limit(request, 20), after)
+
+        return await self._batch_call(request, "batches", listed)
 
     async def batch_get(self, batch_id: str, request: Request) -> Response:
         return await self._batch_call(

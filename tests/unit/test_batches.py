@@ -468,3 +468,23 @@ def test_the_batch_command_submits_waits_with_a_progress_bar_and_writes_both_fil
             assert "400: Line 1 of the file" in capsys.readouterr().err
 
     with_app(cfg(tmp_path), scenario)
+
+
+def test_list_queries_out_of_bounds_are_400s_and_pages_follow_after(tmp_path: Path) -> None:
+    async def scenario(app: InProcessApp) -> None:
+        oai = client(app)
+        ids = [
+            (await oai.files.create(file=(f"{i}.jsonl", jsonl([line(i)])), purpose="batch")).id
+            for i in range(3)
+        ]
+        async with app.client({"authorization": "Bearer x"}) as http:
+            assert (await http.get("/v1/files", params={"limit": "x"})).status_code == 400
+            assert (await http.get("/v1/batches", params={"limit": "0"})).status_code == 400
+            assert (await http.get("/v1/files", params={"after": "f" * 200})).status_code == 400
+            first = (await http.get("/v1/files", params={"limit": "2"})).json()
+            assert first["has_more"] and len(first["data"]) == 2
+            rest = (await http.get("/v1/files", params={"limit": "2", "after": first["last_id"]})).json()
+            assert not rest["has_more"]
+            assert sorted(f["id"] for f in first["data"] + rest["data"]) == sorted(ids)
+
+    with_app(cfg(tmp_path), scenario)

@@ -488,3 +488,23 @@ def test_list_queries_out_of_bounds_are_400s_and_pages_follow_after(tmp_path: Pa
             assert sorted(f["id"] for f in first["data"] + rest["data"]) == sorted(ids)
 
     with_app(cfg(tmp_path), scenario)
+
+
+def test_in_a_replica_a_batch_request_enters_the_engine_after_the_interactive_one_starts(
+    tmp_path: Path,
+) -> None:
+    model = fake("small", engine_args={"ttft_s": 0.4, "tokens_per_s": 1000.0})
+
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client() as http:
+            t0 = asyncio.get_running_loop().time()
+            interactive = asyncio.ensure_future(http.post(CHAT, json=chat(max_tokens=2)))
+            await asyncio.sleep(0.05)  # the interactive request is in its first 0.4 s
+            body = json.dumps(chat(max_tokens=2)).encode()
+            answer = await app.ingress.batch_line("anonymous", Route.CHAT, body, "b1")
+            took = asyncio.get_running_loop().time() - t0
+            assert answer.status == 200 and (await interactive).status_code == 200
+            # It waited for the interactive request's first token (0.4 s), then took its own.
+            assert took >= 0.75, took
+
+    with_app(cfg(tmp_path, model), scenario)

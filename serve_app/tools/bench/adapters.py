@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.tools.bench.driver import _int_list, machine
-from serve_app.tools.bench.report import ms, percentile, summarize
+from serve_app.tools.bench.report import ms, percentile, save_report, summarize
 from serve_app.tools.bench.targets import BenchError, OurApp, load_bench_model
 from serve_app.tools.bench.turns import SERVE_REQUESTS, _scrape, settled, words
 from serve_app.tools.load import Call, Result, chat_call, closed_loop, send_one
@@ -413,11 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,  # by max_adapters_per_replica
         "summary": {n: summary(run) for n, run in runs.items()},
     }
-    print(json.dumps(report["summary"], indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"adapters-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(args.out, report, "summary")
     return 0
 
 

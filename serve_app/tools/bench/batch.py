@@ -42,7 +42,7 @@ from serve_app.local.batch import BatchClient
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.tools.bench.driver import machine
-from serve_app.tools.bench.report import ms, percentile
+from serve_app.tools.bench.report import ms, percentile, save_report
 from serve_app.tools.bench.targets import BenchError, OurApp
 from serve_app.tools.bench.turns import words
 from serve_app.tools.load import Call, Result, chat_call, closed_loop, open_loop
@@ -364,11 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "record": record,
         "summary": summary(record),
     }
-    print(json.dumps(report["summary"], indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"batch-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(args.out, report, "summary")
     return 0
 
 

@@ -9,8 +9,10 @@ levels (one mode, `conditions.prompts` a string): they group as one mode, `None`
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,14 @@ def plot_report(report: dict[str, Any], out: Path) -> None:
         f"{machine.get('cpu', '?')} x{machine.get('cores', '?')}{gpu}"
     )
     plot(levels, title, out, labels)
+
+
+def save_report(out: Path, report: dict[str, Any], shown: str) -> Path:
+    """Print `report[shown]`, write the whole report to `out/<kind>-<UTC time>.json` (the
+    benchmarks' one form), and say where."""
+    print(json.dumps(report[shown], indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{report['kind']}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import random
 import sys
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.tools.bench.driver import machine
-from serve_app.tools.bench.report import ms, percentile, summarize
+from serve_app.tools.bench.report import ms, percentile, save_report, summarize
 from serve_app.tools.bench.targets import APP, BenchError, OurApp, load_bench_model
 from serve_app.tools.load import CHAT, Call, Result, closed_loop, send
 
@@ -433,11 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "against": baseline,
         "comparison": comparison(runs, baseline),
     }
-    print(json.dumps(report["comparison"], indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"turns-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_report(args.out, report, "comparison")
     return 0
 
 

@@ -183,7 +183,10 @@ def deploy(models: list[dict[str, Any]], ingress: dict[str, Any] | None = None) 
     from serve_app.config import load_app_config
     from serve_app.serving.builder import build_openai_app
 
-    config = load_app_config({"models": models, "ingress": {"num_cpus": 0.1, **(ingress or {})}})
+    # No Batch API here (tests/serve/test_batches.py runs it): nothing written to the home directory.
+    config = load_app_config(
+        {"models": models, "ingress": {"num_cpus": 0.1, **(ingress or {})}, "batches": {"enabled": False}}
+    )
     with SERVE_API_LOCK:
         app = build_openai_app(config)
     serve.run(app, name=APP, route_prefix="/")

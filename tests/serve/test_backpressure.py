@@ -30,7 +30,7 @@ def small_url(local_app: RunningApp) -> Iterator[str]:
         "engine_args": {"tokens_per_s": 5, "max_num_seqs": 1},
         "deployment": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
     }
-    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}})
+    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}, "batches": {"enabled": False}})
     serve.run(build_openai_app(config), name="small", route_prefix=PREFIX)
     try:
         yield local_app.url + PREFIX

@@ -57,7 +57,7 @@ def faulty_url(local_app: RunningApp) -> Iterator[str]:
             "graceful_shutdown_timeout_s": 5,
         },
     }
-    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}})
+    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}, "batches": {"enabled": False}})
     serve.run(build_openai_app(config), name=APP, route_prefix=PREFIX)
     try:
         yield local_app.url + PREFIX

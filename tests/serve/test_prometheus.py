@@ -47,7 +47,7 @@ def observed_url(local_app: RunningApp) -> Iterator[str]:
         "engine_args": {"ttft_s": TTFT_S, "tokens_per_s": TOKENS_PER_S, "max_num_seqs": 8},
         "deployment": {"num_replicas": 1},
     }
-    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}})
+    config = load_app_config({"models": [model], "ingress": {"num_cpus": 0}, "batches": {"enabled": False}})
     serve.run(build_openai_app(config), name="observed", route_prefix=PREFIX)
     try:
         yield local_app.url + PREFIX

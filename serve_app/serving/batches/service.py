@@ -35,6 +35,7 @@ from serve_app.serving.batches.format import (
 )
 from serve_app.serving.batches.runner import ACTIVE, BatchRun, ModelSlots, Send, model_map
 from serve_app.serving.batches.store import BatchStore
+from serve_app.serving.ray_compat import in_own_request
 from serve_app.serving.telemetry import GAUGE_PERIOD_S, BatchMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -310,7 +311,8 @@ class BatchService:
             write_file=write_output,
         )
         self._runs[meta["id"]] = run
-        task = asyncio.create_task(self._run(run))
+        # Not a part of the call that started the batch (its end or cancellation is not the batch's).
+        task = in_own_request(self._run(run), run.id)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -330,12 +332,18 @@ class BatchService:
             self._metrics.answered(model, record)
 
     async def _through_ingress(self, owner: str, route: Any, body: bytes, request_id: str) -> Any:
+        """One batch request through the ingress, as a Serve request of its own."""
         if self._ingress is None:
             from ray import serve
 
             app = serve.get_replica_context().app_name
             self._ingress = serve.get_deployment_handle(self._ingress_name, app_name=app)
-        return await self._ingress.batch_line.remote(owner, route, body, request_id)
+        ingress = self._ingress
+
+        async def call() -> Any:
+            return await ingress.batch_line.remote(owner, route, body, request_id)
+
+        return await in_own_request(call(), request_id)
 
     async def _report(self, metrics: BatchMetrics) -> None:
         while True:

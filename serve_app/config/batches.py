@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from serve_app.config.base import StrictModel
@@ -38,6 +40,12 @@ class BatchOptions(StrictModel):
         100,
         description="vLLM scheduling priority of batch requests (lower runs first) on models whose "
         "engine_args set scheduling_policy: priority; a key's own priority applies when it is lower.",
+    )
+    yield_to: Literal["model", "app"] = Field(
+        "model",
+        description="Which interactive requests hold back and preempt batch requests until their "
+        "first token: those to the same model (models on hardware of their own), or to any model "
+        "of the app (models sharing hardware, e.g. the cores of one CPU machine).",
     )
     retry_max_s: float = Field(
         30.0,

@@ -45,6 +45,7 @@ from serve_app.serving.batches.api import BatchApi, query_limit, query_text
 from serve_app.serving.batches.format import LineAnswer
 from serve_app.serving.catalog import Catalog, ModelCard, ServedModel
 from serve_app.serving.dispatch import dispatch
+from serve_app.serving.lanes import Lanes
 from serve_app.serving.payload import parse_payload, read_payload
 from serve_app.serving.relay import RelayedStream
 from serve_app.serving.routing import affinity_of
@@ -91,6 +92,7 @@ class OpenAIIngress:
         batch_options = batch_options or BatchOptions()
         self._batches = BatchApi(batches, batch_options)
         self._batch_priority = batch_options.priority
+        self._lanes = Lanes(per_model=batch_options.yield_to == "model")
         self._telemetry = Telemetry(
             [c.id for c in cards],
             access_log=observability.access_log,
@@ -285,7 +287,13 @@ class OpenAIIngress:
         self._telemetry.routed(record, model.card.id, body)
         record.stream = payload.get("stream") is True
         affinity = None if adapter is not None else affinity_of(model.card.routing, payload, headers)
-        return await dispatch(model, name, route, body, record, affinity, adapter, batch=batch)
+        lane = self._lanes.lane(model.card.id)
+        if batch:  # when the lane is quiet; again if an interactive request preempts it
+            return await lane.run_batch(
+                lambda _: dispatch(model, name, route, body, record, affinity, adapter, batch=True)
+            )
+        record.hold = lane.hold()  # released at its first token, or its end
+        return await dispatch(model, name, route, body, record, affinity, adapter)
 
     async def _resolve(self, payload: dict[str, Any]) -> tuple[str, ServedModel, AdapterSpec | None]:
         """The name the body asks for, its model and adapter (ApiError 400/404)."""
@@ -369,7 +377,10 @@ class OpenAIIngress:
         return response
 
     def _finish(self, record: RequestRecord) -> None:
-        """A request ended (answered, failed or cancelled): free its quota and record it."""
+        """A request ended (answered, failed or cancelled): free its quota and its lane, and
+        record it."""
+        if record.hold is not None:
+            record.hold.release()
         if record.admission is not None:
             self._gate.release(record.admission, record.tokens_used)
         self._telemetry.finish(record)

@@ -1,53 +1,99 @@
-"""Interactive requests first, on one model replica: a batch request (serve_app.serving.batches)
-enters the engine only while no interactive request here waits for its first answer.
+"""Interactive requests first: batch requests (serve_app.serving.batches) take only what
+interactive traffic leaves.
 
-An interactive request counts from when the replica takes it until the engine's first item (a
-stream's first token, a whole response's end); batch requests that arrive meanwhile wait, then
-enter together. Batch requests already in the engine keep running (at low priority where the
-engine schedules by priority). Batches thus take what interactive traffic leaves: between its
-requests' starts under light load, little under steady heavy load.
+An interactive request counts from its arrival until its first token (a stream's first chunk,
+a whole answer's end). While any counts, no batch request of the same lane starts, and, at the
+ingress, those in flight are preempted: cancelled in the engine, and sent again once the lane
+is quiet (a request preempted `MAX_PREEMPTIONS` times runs on, so that a long one cannot
+starve). Batch requests thus fill the gaps between interactive requests' starts and run beside
+their decoding, which their own time to first token does not see.
+
+A lane is a model (`batches.yield_to: model`: its interactive requests hold back its batch
+requests only), or the whole app (`app`: models that share hardware, e.g. CPU cores). The
+ingress holds a lane per model or one for all; each model replica holds one for itself, for
+the interactive requests that other ingress replicas send it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MAX_PREEMPTIONS = 3
+
+
+class Hold:
+    """An interactive request counted in its lane until `release()` (once)."""
+
+    def __init__(self, lane: Lane) -> None:
+        self._lane: Lane | None = lane
+
+    def release(self) -> None:
+        if self._lane is not None:
+            lane, self._lane = self._lane, None
+            lane.released()
+
+
+class Lane:
+    """The interactive requests of one lane not yet started, and its batch requests in flight."""
+
+    def __init__(self) -> None:
+        self.starting = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._batch: dict[asyncio.Task[object], int] = {}  # in flight -> times preempted before
+
+    def hold(self) -> Hold:
+        """Count an interactive request, and preempt the batch requests that may be."""
+        self.starting += 1
+        self._quiet.clear()
+        for task, preempted in self._batch.items():
+            if preempted < MAX_PREEMPTIONS:
+                task.cancel()
+        return Hold(self)
+
+    def released(self) -> None:
+        self.starting -= 1
+        if self.starting == 0:
+            self._quiet.set()
+
+    async def quiet(self) -> None:
+        """Return when no interactive request of this lane waits for its first token."""
+        await self._quiet.wait()
+
+    async def run_batch(self, attempt: Callable[[int], Awaitable[T]]) -> T:
+        """`attempt(n)` (n: the times it was preempted before) once the lane is quiet, again after
+        each preemption."""
+        preempted = 0
+        while True:
+            await self.quiet()
+            task = asyncio.ensure_future(attempt(preempted))
+            self._batch[task] = preempted
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:  # the caller's: the attempt goes with it
+                task.cancel()
+                raise
+            finally:
+                self._batch.pop(task, None)
+            if not task.cancelled():
+                return task.result()
+            preempted += 1
 
 
 class Lanes:
-    """One replica's count of interactive requests not yet answered at all."""
+    """The lanes of an ingress replica or of a model replica: one per model, or one for all."""
 
-    def __init__(self) -> None:
-        self._starting = 0
-        self._clear = asyncio.Event()
-        self._clear.set()
+    def __init__(self, per_model: bool = True) -> None:
+        self._per_model = per_model
+        self._lanes: dict[str, Lane] = {}
 
-    @property
-    def starting(self) -> int:
-        return self._starting
-
-    @contextlib.contextmanager
-    def interactive(self) -> Iterator[Callable[[], None]]:
-        """Count an interactive request until it calls what this gives (at its first item from
-        the engine) or the block ends, whichever comes first."""
-        self._starting += 1
-        self._clear.clear()
-        counted = True
-
-        def started() -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self._starting -= 1
-                if self._starting == 0:
-                    self._clear.set()
-
-        try:
-            yield started
-        finally:
-            started()
-
-    async def batch_turn(self) -> None:
-        """Return when no interactive request is waiting for its first item."""
-        await self._clear.wait()
+    def lane(self, model: str) -> Lane:
+        key = model if self._per_model else ""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = Lane()
+        return lane

@@ -18,7 +18,7 @@ from serve_app.guards.adapters import AdapterError
 from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
-from serve_app.serving.lanes import Lanes
+from serve_app.serving.lanes import Lane
 from serve_app.serving.ray_compat import report_multiplexed_ids
 from serve_app.serving.reaper import start_reaper
 from serve_app.serving.routing import Affinity, router_config
@@ -103,7 +103,7 @@ class ModelServer:
         self._adapters = (
             ReplicaAdapters(config, self._engine, metrics, report_multiplexed_ids) if lora else None
         )
-        self._lanes = Lanes()
+        self._lane = Lane()  # interactive requests first (serve_app.serving.lanes)
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -145,7 +145,7 @@ class ModelServer:
         `affinity` is what routed the request here (serve_app.serving.routing), for the
         router only. `adapter`: the LoRA adapter the body names, loaded here first if it is not
         (a 4xx answer if it cannot load). `batch`: a request of a batch, which enters the engine
-        only while no interactive request here waits for its first item (serve_app.serving.lanes).
+        only while no interactive request here waits for its first token (serve_app.serving.lanes).
 
         A replica whose engine is already dead does not take the request: it ends, and the
         ingress tries another replica (it retries only requests that no replica took). One
@@ -164,10 +164,11 @@ class ModelServer:
                         yield refusal
                         return
                 if batch:
-                    await self._lanes.batch_turn()
+                    await self._lane.quiet()
                     started = _nothing
                 else:
-                    started = held.enter_context(self._lanes.interactive())
+                    started = self._lane.hold().release
+                    held.callback(started)
                 # Chunks that queue while Serve sends earlier ones travel on as one message.
                 interval_s = self._config.stream_batching_interval_ms / 1000
                 stream = coalesce(self._engine.handle(route, body, request_id), interval_s)
@@ -175,7 +176,8 @@ class ModelServer:
                     async for item in items:
                         if isinstance(item, Head) and item.status >= 500 and self._engine.dead():
                             self._die()  # the request fails (it may be what killed the engine)
-                        started()
+                        if not (isinstance(item, Head) and item.stream):  # its first token, or all of it
+                            started()
                         yield item
         except Exception:
             if self._engine.dead():

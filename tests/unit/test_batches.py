@@ -19,7 +19,7 @@ from serve_app.local.cli import main
 from serve_app.serving.batches import runner
 from serve_app.serving.batches.format import LineAnswer, parse_lines
 from serve_app.serving.batches.service import BatchService
-from serve_app.serving.lanes import Lanes
+from serve_app.serving.lanes import MAX_PREEMPTIONS, Lane
 from tests.support.inprocess import (
     InProcessApp,
     chat,
@@ -387,22 +387,67 @@ def test_a_cancelled_batch_stops_sending_and_keeps_what_was_answered(tmp_path: P
 # --- interactive first -------------------------------------------------------------------------------------
 
 
-def test_batch_requests_wait_while_an_interactive_request_waits_for_its_first_item() -> None:
+def test_a_lane_holds_batch_requests_back_and_preempts_them_while_an_interactive_request_starts() -> None:
     async def scenario() -> None:
-        lanes = Lanes()
-        with lanes.interactive() as started:
-            turn = asyncio.ensure_future(lanes.batch_turn())
+        lane = Lane()
+        attempts: list[int] = []
+
+        async def attempt(preempted: int) -> str:
+            attempts.append(preempted)
+            await asyncio.sleep(0.3)
+            return f"done after {preempted}"
+
+        batch = asyncio.ensure_future(lane.run_batch(attempt))
+        await asyncio.sleep(0.05)
+        hold = lane.hold()  # an interactive request arrives: the batch request is preempted
+        await asyncio.sleep(0.05)
+        assert attempts == [0] and not batch.done() and lane.starting == 1
+        hold.release()  # its first token: the batch request goes again
+        hold.release()  # once only
+        assert await asyncio.wait_for(batch, 2) == "done after 1" and attempts == [0, 1]
+        assert lane.starting == 0
+
+        # Preempted MAX_PREEMPTIONS times, a batch request runs on.
+        attempts.clear()
+        batch = asyncio.ensure_future(lane.run_batch(attempt))
+        for _ in range(MAX_PREEMPTIONS + 1):
             await asyncio.sleep(0.05)
-            assert not turn.done() and lanes.starting == 1
-            started()
-            await asyncio.wait_for(turn, 1)
-            started()  # once only
-            assert lanes.starting == 0
-        with lanes.interactive():
-            pass  # ended without an item: no longer counted
-        await asyncio.wait_for(lanes.batch_turn(), 1)
+            lane.hold().release()
+        assert await asyncio.wait_for(batch, 2) == f"done after {MAX_PREEMPTIONS}"
+
+        # Its caller's cancellation ends it.
+        batch = asyncio.ensure_future(lane.run_batch(attempt))
+        await asyncio.sleep(0.05)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
 
     run(scenario)
+
+
+def test_an_interactive_request_preempts_a_batch_request_in_the_engine_and_starts_as_if_alone(
+    tmp_path: Path,
+) -> None:
+    model = fake("small", engine_args={"ttft_s": 0.05, "tokens_per_s": 20.0})
+
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client() as http:
+            body = json.dumps(chat(max_tokens=20)).encode()  # a second of work
+            batch = asyncio.ensure_future(app.ingress.batch_line("anonymous", Route.CHAT, body, "b1"))
+            await asyncio.sleep(0.3)
+            t0 = asyncio.get_running_loop().time()
+            async with http.stream("POST", CHAT, json=chat(max_tokens=2, stream=True)) as resp:
+                async for _ in resp.aiter_bytes():
+                    break
+                ttft = asyncio.get_running_loop().time() - t0
+            answer = await batch
+        assert answer.status == 200 and json.loads(answer.body)["usage"]["completion_tokens"] == 20
+        (handle,) = app.handles.values()
+        batched = [k.get("batch", False) for k in handle.keywords]
+        assert batched == [True, False, True], batched  # preempted, then sent again
+        assert ttft < 0.3, ttft
+
+    with_app(cfg(tmp_path, model), scenario)
 
 
 def test_a_removed_key_s_batch_requests_are_refused(tmp_path: Path) -> None:

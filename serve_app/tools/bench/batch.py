@@ -43,7 +43,7 @@ from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.tools.bench.driver import machine
 from serve_app.tools.bench.report import ms, percentile, save_report
-from serve_app.tools.bench.targets import BenchError, OurApp
+from serve_app.tools.bench.targets import APP, BenchError, OurApp
 from serve_app.tools.bench.turns import words
 from serve_app.tools.load import Call, Result, chat_call, closed_loop, open_loop
 
@@ -191,15 +191,16 @@ def parity(url: str, lines: list[dict[str, Any]], answers: dict[str, str | None]
 
 
 def kill_ingress() -> int:
-    """SIGKILL the ingress replica's process (the Ray actor of its deployment); its pid."""
-    from ray.util.state import list_actors
+    """SIGKILL the process of the benchmark app's ingress replica (Ray titles it
+    `ray::ServeReplica:<app>:OpenAIIngress`); its pid."""
+    import psutil
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    pids = [a.pid for a in actors if "OpenAIIngress" in (a.class_name or "") and a.pid]
-    if not pids:
-        raise BenchError("no ingress replica found to kill")
-    os.kill(pids[0], signal.SIGKILL)
-    return int(pids[0])
+    title = f"ServeReplica:{APP}:OpenAIIngress"
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if title in " ".join(proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            return int(proc.info["pid"])
+    raise BenchError(f"no process titled {title} to kill")
 
 
 def start(config: AppConfig, args: argparse.Namespace, port: int) -> tuple[OurApp, str]:

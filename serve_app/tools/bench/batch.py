@@ -14,8 +14,8 @@ port, its batch store in a new temporary directory. In order:
    own) over the models, uploaded and started; then the same interactive arrivals as in 1: the
    TTFT against 1's; then the batch to its end: lines/s, output tokens/s;
 3. exactly once: the output and error files hold each custom_id once, and all of them;
-4. parity: every line sent alone (8 at a time, not streamed): its answer against the batch's;
-5. restart: a batch of the first `--restart-lines` lines; once a tenth is answered, the ingress
+4. parity (not with `--latency-only`): every line sent alone (8 at a time, not streamed): its answer against the batch's;
+5. restart (not with `--latency-only`): a batch of the first `--restart-lines` lines; once a tenth is answered, the ingress
    replica is SIGKILLed; once a third is, the whole app (Ray included) is stopped and started
    again on the same store; the batch then runs to its end: each line answered once, and as in 2.
 Prints the figures and writes `batch-<UTC time>.json` to `--out`.
@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 from serve_app.local.batch import BatchClient
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
+from serve_app.local.processes import descendants
+from serve_app.tools.bench.cpu import busiest, cpu_seconds
 from serve_app.tools.bench.driver import machine
 from serve_app.tools.bench.report import ms, percentile, save_report
 from serve_app.tools.bench.targets import APP, BenchError, OurApp
@@ -92,6 +94,15 @@ def ttft(results: Sequence[Result], wall_s: float) -> dict[str, Any]:
         "ttft_p50_ms": ms(percentile(times, 50)),
         "ttft_p95_ms": ms(percentile(times, 95)),
     }
+
+
+def interactive(url: str, calls: list[Call], interval_s: float) -> dict[str, Any]:
+    """The interactive arrivals' TTFT, and the CPU each process of the app used meanwhile."""
+    before = cpu_seconds(descendants())
+    results, wall = asyncio.run(open_loop(url, calls, interval_s))
+    figures = ttft(results, wall)
+    figures["cpu"] = busiest(before, cpu_seconds(descendants()), wall, 0, top=8)
+    return figures
 
 
 # --- the batch -----------------------------------------------------------------------------
@@ -226,14 +237,14 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
         )
         interval = 1 / args.interactive_rate
         print(f"alone: {len(calls)} interactive chats, one every {interval:.2f} s...", flush=True)
-        record["alone"] = ttft(*asyncio.run(open_loop(url, calls, interval)))
+        record["alone"] = interactive(url, calls, interval)
         print(f"  {record['alone']}", flush=True)
 
         lines = batch_lines(models, args.lines, args.output_tokens, f"{args.seed}/batch")
         started = time.monotonic()
         batch_id = submit(client, lines, folder, "batch")
         print(f"with a batch of {len(lines)} lines ({batch_id}): the same interactive chats...", flush=True)
-        record["with_batch"] = ttft(*asyncio.run(open_loop(url, calls, interval)))
+        record["with_batch"] = interactive(url, calls, interval)
         during = client.get(batch_id)
         record["with_batch"]["batch_lines_answered_meanwhile"] = (
             during["request_counts"]["completed"] + during["request_counts"]["failed"]
@@ -253,6 +264,8 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
             **exactly_once(out, lines),
         }
         print(f"  batch: {record['batch']}", flush=True)
+        if args.latency_only:
+            return record
         answers = {r["custom_id"]: answer_text(r) for r in out}
         print(f"parity: {len(lines)} lines sent one by one...", flush=True)
         record["parity"] = parity(url, lines, answers)
@@ -294,12 +307,17 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     alone, busy = record["alone"]["ttft_p95_ms"], record["with_batch"]["ttft_p95_ms"]
-    return {
+    latency = {
         "ttft_p95_ms_alone": alone,
         "ttft_p95_ms_with_batch": busy,
         "ttft_p95_rise": round(busy / alone - 1, 4) if alone and busy else None,
         "batch_lines_s": record["batch"]["lines_s"],
         "batch_output_tok_s": record["batch"]["output_tok_s"],
+    }
+    if "restart" not in record:
+        return latency
+    return {
+        **latency,
         "lost": record["batch"]["lost"] + record["restart"]["lost"],
         "duplicated": record["batch"]["duplicated"] + record["restart"]["duplicated"],
         "parity": f"{record['parity']['identical']}/{record['parity']['lines']}",
@@ -318,6 +336,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--interactive-rate", type=float, default=2.0, help="interactive chats per second")
     parser.add_argument("--interactive-output-tokens", type=int, default=32)
     parser.add_argument("--restart-lines", type=int, default=400, help="of the batch restarted mid-way")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="phases 1 and 2 only (no parity, no restart)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--batch-timeout-s", type=float, default=3600.0)

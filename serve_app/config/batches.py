@@ -47,6 +47,19 @@ class BatchOptions(StrictModel):
         "first token: those to the same model (models on hardware of their own), or to any model "
         "of the app (models sharing hardware, e.g. the cores of one CPU machine).",
     )
+    yield_until: Literal["first_token", "end"] = Field(
+        "first_token",
+        description="How long an interactive request holds batch requests back: until its first "
+        "token (batches run beside its decoding), or until its end (they run only between "
+        "interactive requests).",
+    )
+    settle_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Seconds without interactive requests waiting before batch requests start again: "
+        "a batch request started in a short gap between interactive ones is preempted by the next.",
+    )
     retry_max_s: float = Field(
         30.0,
         gt=0,

@@ -92,7 +92,8 @@ class OpenAIIngress:
         batch_options = batch_options or BatchOptions()
         self._batches = BatchApi(batches, batch_options)
         self._batch_priority = batch_options.priority
-        self._lanes = Lanes(per_model=batch_options.yield_to == "model")
+        self._lanes = Lanes(per_model=batch_options.yield_to == "model", settle_s=batch_options.settle_s)
+        self._hold_to_first_token = batch_options.yield_until == "first_token"
         self._telemetry = Telemetry(
             [c.id for c in cards],
             access_log=observability.access_log,
@@ -292,7 +293,8 @@ class OpenAIIngress:
             return await lane.run_batch(
                 lambda _: dispatch(model, name, route, body, record, affinity, adapter, batch=True)
             )
-        record.hold = lane.hold()  # released at its first token, or its end
+        record.hold = lane.hold()  # released at its first token or its end (batches.yield_until)
+        record.release_hold_at_first_chunk = self._hold_to_first_token
         return await dispatch(model, name, route, body, record, affinity, adapter)
 
     async def _resolve(self, payload: dict[str, Any]) -> tuple[str, ServedModel, AdapterSpec | None]:

@@ -17,6 +17,7 @@ the interactive requests that other ingress replicas send it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -40,10 +41,15 @@ class Hold:
 class Lane:
     """The interactive requests of one lane not yet started, and its batch requests in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle_s: float = 0.0) -> None:
+        """`settle_s`: how long the lane must have been quiet before a batch request starts (a
+        request started in a short gap is preempted by the next arrival: work lost, and the
+        cancellation's own cost falls on that arrival)."""
         self.starting = 0
+        self._settle_s = settle_s
         self._quiet = asyncio.Event()
         self._quiet.set()
+        self._quiet_since = 0.0
         self._batch: dict[asyncio.Task[object], int] = {}  # in flight -> times preempted before
 
     def hold(self) -> Hold:
@@ -58,11 +64,17 @@ class Lane:
     def released(self) -> None:
         self.starting -= 1
         if self.starting == 0:
+            self._quiet_since = time.monotonic()
             self._quiet.set()
 
     async def quiet(self) -> None:
-        """Return when no interactive request of this lane waits for its first token."""
-        await self._quiet.wait()
+        """Return when no interactive request of this lane has been waiting for `settle_s`."""
+        while True:
+            await self._quiet.wait()
+            left = self._quiet_since + self._settle_s - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
 
     async def run_batch(self, attempt: Callable[[int], Awaitable[T]]) -> T:
         """`attempt(n)` (n: the times it was preempted before) once the lane is quiet, again after
@@ -87,13 +99,14 @@ class Lane:
 class Lanes:
     """The lanes of an ingress replica or of a model replica: one per model, or one for all."""
 
-    def __init__(self, per_model: bool = True) -> None:
+    def __init__(self, per_model: bool = True, settle_s: float = 0.0) -> None:
         self._per_model = per_model
+        self._settle_s = settle_s
         self._lanes: dict[str, Lane] = {}
 
     def lane(self, model: str) -> Lane:
         key = model if self._per_model else ""
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = Lane()
+            lane = self._lanes[key] = Lane(self._settle_s)
         return lane

@@ -104,13 +104,14 @@ class RequestRecord:
     response_text: list[bytes] | None = None  # only with log_request_text
     body_bytes: int = 0  # the size of the request body
     events: int = 0  # SSE events relayed to the client
-    hold: Any = None  # an interactive request's place in its lane until its first token (lanes.Hold)
+    hold: Any = None  # an interactive request's place in its lane (lanes.Hold), released at its end
+    release_hold_at_first_chunk: bool = True  # or at its first token
 
     def chunk(self, data: bytes) -> None:
         now = time.perf_counter()
         if self.first_chunk is None:
             self.first_chunk = now
-            if self.hold is not None:
+            if self.hold is not None and self.release_hold_at_first_chunk:
                 self.hold.release()
         self.last_chunk = now
         self.events += data.count(b"data: ")

@@ -553,3 +553,37 @@ def test_in_a_replica_a_batch_request_enters_the_engine_after_the_interactive_on
             assert took >= 0.75, took
 
     with_app(cfg(tmp_path, model), scenario)
+
+
+def test_with_yield_until_end_an_interactive_request_holds_batch_requests_back_to_its_end(
+    tmp_path: Path,
+) -> None:
+    model = fake("small", engine_args={"ttft_s": 0.05, "tokens_per_s": 20.0})
+
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client() as http:
+            # A stream of ~0.5 s, whose first token comes at once.
+            interactive = asyncio.ensure_future(http.post(CHAT, json=chat(max_tokens=10, stream=True)))
+            await asyncio.sleep(0.1)
+            t0 = asyncio.get_running_loop().time()
+            body = json.dumps(chat(max_tokens=1)).encode()
+            answer = await app.ingress.batch_line("anonymous", Route.CHAT, body, "b1")
+            waited = asyncio.get_running_loop().time() - t0
+            assert answer.status == 200 and (await interactive).status_code == 200
+            assert waited >= 0.35, waited  # the interactive request's whole answer came first
+
+    with_app(cfg(tmp_path, model, batches={"yield_until": "end"}), scenario)
+
+
+def test_a_lane_starts_batch_requests_only_once_it_has_been_quiet_for_its_settle_time() -> None:
+    async def scenario() -> None:
+        lane = Lane(settle_s=0.3)
+        lane.hold().release()
+        t0 = asyncio.get_running_loop().time()
+        await lane.quiet()
+        assert asyncio.get_running_loop().time() - t0 >= 0.25
+        t1 = asyncio.get_running_loop().time()
+        await lane.quiet()  # quiet long enough already
+        assert asyncio.get_running_loop().time() - t1 < 0.05
+
+    run(scenario)

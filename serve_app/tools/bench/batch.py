@@ -3,7 +3,7 @@ interactive latency, whether its answers are those of the same requests sent one
 whether it survives its ingress killed and the whole app restarted.
 
     python -m serve_app.tools.bench.batch [CONFIG] [--lines 2000] [--output-tokens 16]
-        [--interactive 120] [--interactive-rate 2] [--interactive-output-tokens 32]
+        [--interactive 120] [--interactive-rate 1] [--interactive-output-tokens 32]
         [--restart-lines 400] [--seed 0] [--front haproxy] [--out bench/]
 
 CONFIG (default configs/bench-cpu-batch.yaml) is served on a private Ray and a free loopback
@@ -333,7 +333,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--lines", type=int, default=2000, help="requests in the batch")
     parser.add_argument("--output-tokens", type=int, default=16, help="of each batch request")
     parser.add_argument("--interactive", type=int, default=120, help="interactive chats per phase")
-    parser.add_argument("--interactive-rate", type=float, default=2.0, help="interactive chats per second")
+    parser.add_argument("--interactive-rate", type=float, default=1.0, help="interactive chats per second")
     parser.add_argument("--interactive-output-tokens", type=int, default=32)
     parser.add_argument("--restart-lines", type=int, default=400, help="of the batch restarted mid-way")
     parser.add_argument(
@@ -348,7 +348,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for name in ("lines", "output_tokens", "interactive", "interactive_output_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 10 <= args.restart_lines <= args.lines:
+    if not args.latency_only and not 10 <= args.restart_lines <= args.lines:
         parser.error("--restart-lines must be between 10 and --lines")
     if args.interactive_rate <= 0:
         parser.error("--interactive-rate must be positive")

@@ -1,17 +1,17 @@
 """Interactive requests first: batch requests (serve_app.serving.batches) take only what
 interactive traffic leaves.
 
-An interactive request counts from its arrival until its first token (a stream's first chunk,
-a whole answer's end). While any counts, no batch request of the same lane starts, and, at the
-ingress, those in flight are preempted: cancelled in the engine, and sent again once the lane
-is quiet (a request preempted `MAX_PREEMPTIONS` times runs on, so that a long one cannot
-starve). Batch requests thus fill the gaps between interactive requests' starts and run beside
-their decoding, which their own time to first token does not see.
+An interactive request counts in its lane from its arrival until its first token (a stream's
+first chunk, a whole answer's end), or until its end (`batches.yield_until: end`). While any
+counts, no batch request of the lane starts, and, at the ingress, those in flight are
+preempted: cancelled in the engine, and sent again once the lane has been quiet for
+`batches.settle_s` (a request preempted `MAX_PREEMPTIONS` times runs on, so that a long one
+cannot starve).
 
 A lane is a model (`batches.yield_to: model`: its interactive requests hold back its batch
 requests only), or the whole app (`app`: models that share hardware, e.g. CPU cores). The
 ingress holds a lane per model or one for all; each model replica holds one for itself, for
-the interactive requests that other ingress replicas send it.
+the interactive requests that other ingress replicas send it (to their first token).
 """
 
 from __future__ import annotations

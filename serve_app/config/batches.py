@@ -53,6 +53,11 @@ class BatchOptions(StrictModel):
         "token (batches run beside its decoding), or until its end (they run only between "
         "interactive requests).",
     )
+    preempt: bool = Field(
+        True,
+        description="Cancel batch requests in flight when an interactive request arrives (sent again "
+        "later); off, they run to their end beside it.",
+    )
     settle_s: float = Field(
         0.0,
         ge=0,

@@ -92,7 +92,11 @@ class OpenAIIngress:
         batch_options = batch_options or BatchOptions()
         self._batches = BatchApi(batches, batch_options)
         self._batch_priority = batch_options.priority
-        self._lanes = Lanes(per_model=batch_options.yield_to == "model", settle_s=batch_options.settle_s)
+        self._lanes = Lanes(
+            per_model=batch_options.yield_to == "model",
+            settle_s=batch_options.settle_s,
+            preempt=batch_options.preempt,
+        )
         self._hold_to_first_token = batch_options.yield_until == "first_token"
         self._telemetry = Telemetry(
             [c.id for c in cards],

@@ -41,12 +41,13 @@ class Hold:
 class Lane:
     """The interactive requests of one lane not yet started, and its batch requests in flight."""
 
-    def __init__(self, settle_s: float = 0.0) -> None:
+    def __init__(self, settle_s: float = 0.0, preempt: bool = True) -> None:
         """`settle_s`: how long the lane must have been quiet before a batch request starts (a
         request started in a short gap is preempted by the next arrival: work lost, and the
         cancellation's own cost falls on that arrival)."""
         self.starting = 0
         self._settle_s = settle_s
+        self._preempt = preempt
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._quiet_since = 0.0
@@ -57,7 +58,7 @@ class Lane:
         self.starting += 1
         self._quiet.clear()
         for task, preempted in self._batch.items():
-            if preempted < MAX_PREEMPTIONS:
+            if self._preempt and preempted < MAX_PREEMPTIONS:
                 task.cancel()
         return Hold(self)
 
@@ -99,14 +100,15 @@ class Lane:
 class Lanes:
     """The lanes of an ingress replica or of a model replica: one per model, or one for all."""
 
-    def __init__(self, per_model: bool = True, settle_s: float = 0.0) -> None:
+    def __init__(self, per_model: bool = True, settle_s: float = 0.0, preempt: bool = True) -> None:
         self._per_model = per_model
         self._settle_s = settle_s
+        self._preempt = preempt
         self._lanes: dict[str, Lane] = {}
 
     def lane(self, model: str) -> Lane:
         key = model if self._per_model else ""
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = Lane(self._settle_s)
+            lane = self._lanes[key] = Lane(self._settle_s, self._preempt)
         return lane

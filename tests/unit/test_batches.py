@@ -587,3 +587,26 @@ def test_a_lane_starts_batch_requests_only_once_it_has_been_quiet_for_its_settle
         assert asyncio.get_running_loop().time() - t1 < 0.05
 
     run(scenario)
+
+
+def test_a_lane_without_preemption_lets_batch_requests_in_flight_finish() -> None:
+    async def scenario() -> None:
+        lane = Lane(preempt=False)
+        attempts: list[int] = []
+
+        async def attempt(preempted: int) -> int:
+            attempts.append(preempted)
+            await asyncio.sleep(0.2)
+            return preempted
+
+        batch = asyncio.ensure_future(lane.run_batch(attempt))
+        await asyncio.sleep(0.05)
+        hold = lane.hold()
+        assert await asyncio.wait_for(batch, 2) == 0 and attempts == [0]
+        later = asyncio.ensure_future(lane.run_batch(attempt))  # held back meanwhile
+        await asyncio.sleep(0.1)
+        assert attempts == [0]
+        hold.release()
+        assert await asyncio.wait_for(later, 2) == 0
+
+    run(scenario)

@@ -6,7 +6,8 @@
     python -m serve_app batch cancel BATCH_ID
     python -m serve_app batch list
 
-Every command takes `--url` (default http://127.0.0.1:8000) and reads the API key from the
+`batch --url URL <command> ...` names the app (default http://127.0.0.1:8000: `--url` goes
+before the command); every command reads the API key from the
 variable `--api-key-env` names (default MISTRAL_SERVE_API_KEY; none for a keyless app).
 FILE is OpenAI's batch input: one `{"custom_id", "method", "url", "body"}` per line; the
 endpoint defaults to the first line's `url`. `--wait` shows a progress bar (answered lines,

@@ -36,6 +36,13 @@ class BatchOptions(StrictModel):
         description="Batch requests sent to one model at once, over all batches: the bounded share of "
         "its concurrency that batches may take.",
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Batch requests in flight at once over all models and batches (null: only "
+        "max_in_flight_per_model bounds them). Where models share hardware (the cores of one CPU "
+        "machine), 1 keeps all but one engine free for interactive requests.",
+    )
     priority: int = Field(
         100,
         description="vLLM scheduling priority of batch requests (lower runs first) on models whose "

@@ -364,6 +364,27 @@ def test_a_batch_resumes_after_its_service_stops_and_answers_each_line_exactly_o
     run(scenario)
 
 
+@pytest.mark.parametrize(("total", "most"), [(None, 4), (1, 1), (3, 3)])
+def test_batch_slots_bound_each_model_and_all_models_together(total: int | None, most: int) -> None:
+    async def scenario() -> None:
+        slots = runner.ModelSlots(per_model=2, total=total)
+        now, seen = 0, 0
+
+        async def request(model: str) -> None:
+            nonlocal now, seen
+            async with slots.hold(model):
+                now += 1
+                seen = max(seen, now)
+                await asyncio.sleep(0.01)
+                now -= 1
+
+        await asyncio.gather(*(request(m) for m in ("small", "big") * 5))
+        assert seen == most
+        assert slots.running == {"small": 0, "big": 0}
+
+    run(scenario)
+
+
 def test_a_cancelled_batch_stops_sending_and_keeps_what_was_answered(tmp_path: Path) -> None:
     config_ = cfg(tmp_path, batches={"max_in_flight_per_model": 1})
 

@@ -59,17 +59,24 @@ def output_file_id(batch_id: str, kind: str) -> str:
 
 @dataclass
 class ModelSlots:
-    """How many batch requests each model may have in flight, over every batch."""
+    """How many batch requests each model, and all models together, may have in flight, over
+    every batch."""
 
     per_model: int
+    total: int | None = None  # None: no bound over all models
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    _all: asyncio.Semaphore | None = None
     running: dict[str, int] = field(default_factory=dict)
     queued: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.total is not None:
+            self._all = asyncio.Semaphore(self.total)
 
     @contextlib.asynccontextmanager
     async def hold(self, model: str) -> Any:
         slot = self._slots.setdefault(model, asyncio.Semaphore(self.per_model))
-        async with slot:
+        async with slot, self._all or contextlib.nullcontext():  # always in this order: no deadlock
             self.running[model] = self.running.get(model, 0) + 1
             try:
                 yield

@@ -124,7 +124,7 @@ class BatchService:
         self._batches = {m["id"]: m for m in self._read_all("batches")}
         self._runs: dict[str, BatchRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = ModelSlots(options.max_in_flight_per_model)
+        self._slots = ModelSlots(options.max_in_flight_per_model, options.max_in_flight)
         for meta in sorted(self._batches.values(), key=lambda m: m["created_at"]):
             if meta["status"] in ACTIVE:
                 logger.info("batch %s: resuming (%s)", meta["id"], meta["status"])

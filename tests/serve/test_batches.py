@@ -1,6 +1,7 @@
 """Batches on real Ray Serve: a batch over both demo vLLM models answers as the same requests
-sent one by one, and a batch whose ingress replica is killed, then whose whole app is stopped and
-started again, still answers every line exactly once."""
+sent one by one, a file larger than one of Serve's default gRPC messages comes back whole, and a
+batch whose ingress replica is killed, then whose whole app is stopped and started again, still
+answers every line exactly once."""
 
 from __future__ import annotations
 
@@ -67,6 +68,24 @@ def test_a_batch_over_both_demo_models_answers_as_the_requests_sent_one_by_one(l
     for record, line in zip(out, lines, strict=True):
         alone = httpx.post(f"{local_app.url}{CHAT}", json=line["body"], timeout=60).json()
         assert record["response"]["body"]["choices"][0]["message"] == alone["choices"][0]["message"]
+
+
+def test_a_file_larger_than_serves_default_message_bound_downloads_whole(local_app: RunningApp) -> None:
+    """Serve's proxy relays what the ingress sends in gRPC messages bounded at 4 MiB by
+    default: the proxy front raises the bound (serve_app.local.front), so a file sent back whole
+    passes (it was a 500)."""
+    lines = [_request(i, "tiny-mistral-v3", max_tokens=8, user="u" * 200) for i in range(20_000)]
+    data = _jsonl(lines)
+    assert len(data) > 6 * 2**20
+    with httpx.Client(base_url=local_app.url, headers=AUTH, timeout=120) as http:
+        files = {"file": ("big.jsonl", data)}
+        uploaded = http.post("/v1/files", files=files, data={"purpose": "batch"}).raise_for_status().json()
+        try:
+            content = http.get(f"/v1/files/{uploaded['id']}/content")
+            assert content.status_code == 200, content.text[:200]
+            assert content.content == data
+        finally:
+            http.delete(f"/v1/files/{uploaded['id']}")
 
 
 def _config(store: Path) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import yaml
 
@@ -17,7 +20,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_each_front_sets_its_variables() -> None:
-    assert front_variables("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+    assert front_variables("proxy") == {
+        "RAY_SERVE_PROXY_USE_GRPC": "1",
+        # a response larger than Serve's 4 MiB message bound passes the proxy
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "1073741824",
+    }
     assert front_variables("haproxy") == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # a local stop is not held for a cluster's deregistration window (30 s)
@@ -27,9 +34,18 @@ def test_each_front_sets_its_variables() -> None:
 
 def test_an_operators_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
-    assert front_variables("proxy") == {"RAY_SERVE_PROXY_USE_GRPC": "0"}
+    assert front_variables("proxy")["RAY_SERVE_PROXY_USE_GRPC"] == "0"
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
     assert front_variables("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+
+
+def test_serve_still_bounds_a_replicas_grpc_messages_at_4_mib() -> None:
+    """The proxy front raises the bound because Serve's default is 4 MiB; once a release
+    raises it past PROXY_MESSAGE_BYTES, this fails: drop the variable from FRONTS."""
+    from ray.serve._private import constants
+
+    assert "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" not in os.environ  # read at import: again
+    assert importlib.reload(constants).RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH == 4 * 2**20
 
 
 def test_an_unknown_front_is_refused() -> None:

@@ -91,7 +91,14 @@ def test_two_models_take_turns_on_one_gpu_and_every_request_is_served(url: str) 
 
 
 def test_a_model_that_finds_no_room_in_time_gets_503_with_retry_after(url: str) -> None:
+    # The models before go first, with the GPU they held: deployed beside them, one of these
+    # could get a GPU node of its own (and room to spare) while the other waits for theirs.
+    from ray import serve
+
+    serve.delete(APP)
     deploy([shared_model("busy", sleep_after_idle_s=60), shared_model("late", wake_timeout_s=1)])
+    books = awake_by_gpu()
+    assert len(books) == 1, books  # both replicas on the one GPU of one node
     wait_for(
         lambda: warm_state("late")["state"] == "asleep" or warm_state("busy")["state"] == "asleep",
         30,

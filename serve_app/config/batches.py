@@ -65,6 +65,13 @@ class BatchOptions(StrictModel):
         description="Cancel batch requests in flight when an interactive request arrives (sent again "
         "later); off, they run to their end beside it.",
     )
+    idle_cpu_priority: bool = Field(
+        False,
+        description="Run each model replica's engine processes at the OS's idle CPU priority (Linux "
+        "SCHED_IDLE) while it has no interactive request in flight: batch work then takes only CPU "
+        "time nothing else wants. For models sharing one machine's cores (the CPU build of vLLM); "
+        "off where each engine has an accelerator of its own.",
+    )
     settle_s: float = Field(
         0.0,
         ge=0,

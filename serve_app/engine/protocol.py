@@ -120,6 +120,12 @@ class Engine(ABC):
         """Whether the engine has died for good (the replica should then be replaced)."""
         return False
 
+    @property
+    def core_pids(self) -> list[int]:
+        """The processes, other than the replica's own, that run the engine's compute (empty
+        where it runs in the replica's process)."""
+        return []
+
     @abstractmethod
     def info(self) -> ModelInfo:
         """Facts about the loaded model."""

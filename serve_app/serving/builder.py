@@ -152,6 +152,7 @@ def build_openai_app(
             engine_cls,
             config.limits,
             leases if model.warm_tier and model.warm_tier.gpu_group else None,
+            idle_cpu_priority=config.batches.enabled and config.batches.idle_cpu_priority,
         )
         for model in config.models
     }

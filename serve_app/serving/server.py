@@ -17,6 +17,7 @@ from serve_app.errors import error_body
 from serve_app.guards.adapters import AdapterError
 from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
+from serve_app.serving.cpu_priority import CpuPriority, with_descendants
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.lanes import Lane
 from serve_app.serving.ray_compat import report_multiplexed_ids
@@ -80,9 +81,11 @@ class ModelServer:
         engine_cls: type[Engine] | None = None,
         limits: RequestLimits | None = None,
         leases: Any = None,
+        idle_cpu_priority: bool = False,
     ) -> None:
         """`leases`: a handle to the application's GpuLeases deployment, for a model in a
-        `warm_tier.gpu_group`."""
+        `warm_tier.gpu_group`; `idle_cpu_priority`: the engine's processes run at idle CPU
+        priority while no interactive request is in flight (serve_app.serving.cpu_priority)."""
         self._config = config
         # Engine processes must not outlive this replica, even if it is killed.
         self._reaper = start_reaper()
@@ -104,6 +107,11 @@ class ModelServer:
             ReplicaAdapters(config, self._engine, metrics, report_multiplexed_ids) if lora else None
         )
         self._lane = Lane()  # interactive requests first (serve_app.serving.lanes)
+        self._cpu = CpuPriority(
+            config.id,
+            with_descendants(self._engine.core_pids) if idle_cpu_priority else [],
+            idle_cpu_priority,
+        )
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:
@@ -158,6 +166,8 @@ class ModelServer:
         try:
             yield None
             async with contextlib.AsyncExitStack() as held:
+                if not batch:  # its engine at normal CPU priority to its end, its adapter's load included
+                    held.callback(self._cpu.begin())
                 if adapter is not None:
                     refusal = await self._hold_adapter(held, adapter)
                     if refusal is not None:
@@ -247,7 +257,12 @@ class ModelServer:
     async def check_health(self) -> None:
         if self._warm is not None and self._warm.fatal:
             raise RuntimeError(self._warm.fatal)  # Serve replaces the replica
-        await self._engine.check_health()
+        # At normal CPU priority: an idle engine's probe must not wait behind a busy machine.
+        end = self._cpu.begin()
+        try:
+            await self._engine.check_health()
+        finally:
+            end()
 
     async def __del__(self) -> None:
         if (task := getattr(self, "_gauges_task", None)) is not None:

@@ -1,7 +1,8 @@
 """Batches on real Ray Serve: a batch over both demo vLLM models answers as the same requests
 sent one by one, a file larger than one of Serve's default gRPC messages comes back whole, and a
 batch whose ingress replica is killed, then whose whole app is stopped and started again, still
-answers every line exactly once."""
+answers every line exactly once; between interactive requests the engines run at idle CPU
+priority."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
+import pytest
 
 from serve_app.local.ray_token import auth_headers
+from serve_app.serving.cpu_priority import SUPPORTED, can_leave_idle, thread_ids
 from tests.serve.conftest import RunningApp
 
 APP, PREFIX = "batches", "/batches"
@@ -68,6 +72,48 @@ def test_a_batch_over_both_demo_models_answers_as_the_requests_sent_one_by_one(l
     for record, line in zip(out, lines, strict=True):
         alone = httpx.post(f"{local_app.url}{CHAT}", json=line["body"], timeout=60).json()
         assert record["response"]["body"]["choices"][0]["message"] == alone["choices"][0]["message"]
+
+
+def _engine_processes(model: str) -> list[psutil.Process]:
+    """The vLLM processes (engine core, workers, frontends) below `model`'s replica."""
+    replicas = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if any(part.endswith(f":{model}") and "ServeReplica" in part for part in p.cmdline())
+    ]
+    assert len(replicas) == 1, replicas
+    return [p for p in replicas[0].children(recursive=True) if p.name().startswith("VLLM::")]
+
+
+def _policies(processes: list[psutil.Process], names: tuple[str, ...]) -> set[int]:
+    """The scheduling policies of the threads of those `processes` named so."""
+    return {os.sched_getscheduler(tid) for p in processes if p.name() in names for tid in thread_ids(p.pid)}
+
+
+@pytest.mark.skipif(
+    not (SUPPORTED and can_leave_idle()), reason="this user may not take a thread out of SCHED_IDLE"
+)
+def test_an_engine_runs_at_idle_cpu_priority_but_for_interactive_requests(local_app: RunningApp) -> None:
+    """configs/local.yaml sets batches.idle_cpu_priority: each engine's core and workers run
+    under SCHED_IDLE but while an interactive request to its model is in flight."""
+    assert local_app.config.batches.idle_cpu_priority
+    asked, other = (m.id for m in local_app.config.models)
+    compute = ("VLLM::EngineCore", "VLLM::Worker")
+    engines = {model: _engine_processes(model) for model in (asked, other)}
+    idle = {os.SCHED_IDLE}
+    for model, processes in engines.items():
+        assert {p.name() for p in processes} >= set(compute), (model, processes)
+        _until(lambda: _policies(processes, compute), idle.__eq__, 5, f"{model}'s engine idle")  # noqa: B023
+    body = {"model": asked, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 64}
+    body |= {"stream": True, "ignore_eos": True}
+    seen: list[tuple[set[int], set[int]]] = []
+    with httpx.stream("POST", f"{local_app.url}{CHAT}", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {") and not seen:  # its first token: in flight
+                seen.append((_policies(engines[asked], compute), _policies(engines[other], compute)))
+    assert seen == [({os.SCHED_OTHER}, idle)]
+    _until(lambda: _policies(engines[asked], compute), idle.__eq__, 5, "the engine idle again")
 
 
 def test_a_file_larger_than_serves_default_message_bound_downloads_whole(local_app: RunningApp) -> None:

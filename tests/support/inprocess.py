@@ -149,11 +149,15 @@ class LocalModelServer(ModelServer):
 
 
 async def start_server(
-    model: ModelConfig, limits: RequestLimits | None = None, engine_cls: type[Engine] | None = None
+    model: ModelConfig,
+    limits: RequestLimits | None = None,
+    engine_cls: type[Engine] | None = None,
+    **options: Any,
 ) -> LocalModelServer:
-    """A model replica in this process, its engine started (Serve calls the async constructor)."""
+    """A model replica in this process, its engine started (Serve calls the async constructor);
+    `options`: ModelServer's keyword arguments."""
     server = LocalModelServer.__new__(LocalModelServer)
-    await server.__init__(model, engine_cls, limits)  # type: ignore[misc]
+    await server.__init__(model, engine_cls, limits, **options)  # type: ignore[misc]
     return server
 
 

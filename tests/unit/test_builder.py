@@ -149,3 +149,18 @@ def test_the_ingress_routes_and_runs_its_code_on_one_event_loop() -> None:
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     }
+
+
+def test_model_replicas_run_batch_work_at_idle_cpu_priority_only_where_batches_say_so() -> None:
+    """configs/local.yaml (models sharing a CPU) asks for it; the default and a config whose
+    Batch API is off do not."""
+    args = load_serve_file(ROOT / "configs/local.yaml").args
+    for batches, expected in (
+        (args["batches"], True),
+        ({}, False),
+        ({**args["batches"], "enabled": False}, False),
+    ):
+        app = build_openai_app(load_app_config({**args, "batches": batches}, base_dir=ROOT))
+        for name, bound in _deployments(app).items():
+            if name != INGRESS_NAME:
+                assert bound.init_kwargs["idle_cpu_priority"] is expected, (name, batches)  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ from serve_app.tools.bench.report import (
 from serve_app.tools.bench.targets import BenchError, CachedVllm, MultiVllm, PlainVllm
 from serve_app.tools.bench.vllm_cli import vllm_multi_serve_args, vllm_serve_args
 from serve_app.tools.load import CHAT, COMPLETIONS, LoadSpec, Result
+from tests.conftest import ROOT
 
 
 def test_vllm_serve_args_flags() -> None:
@@ -611,3 +612,19 @@ def test_adapter_bench_options() -> None:
     for bad in (["--per-replica", "0"], ["--per-replica", "x"], ["--requests", "0"], ["--adapters", "2"]):
         with pytest.raises(SystemExit):
             adapter_args(["c.yaml", *bad])
+
+
+def test_the_batch_bench_puts_its_lines_on_the_models_asked_and_refuses_others(tmp_path: Path) -> None:
+    """`--batch-models` keeps the batch on some models (the interactive chats' TTFT by model then
+    tells its own model from the others); a model not served is refused before anything starts."""
+    from serve_app.tools.bench import batch as batch_bench
+    from serve_app.tools.bench.targets import BenchError
+
+    lines = batch_bench.batch_lines(["b"], 4, 8, "seed")
+    assert {line["body"]["model"] for line in lines} == {"b"}
+    args = batch_bench.parse_args(
+        ["configs/bench-cpu-batch.yaml", "--batch-models", "nope", "--latency-only"]
+    )
+    config = batch_bench.load_config(ROOT / "configs/bench-cpu-batch.yaml", tmp_path / "store")
+    with pytest.raises(BenchError, match="nope"):
+        batch_bench.measure(config, args, tmp_path)

@@ -4,15 +4,17 @@ whether it survives its ingress killed and the whole app restarted.
 
     python -m serve_app.tools.bench.batch [CONFIG] [--lines 2000] [--output-tokens 16]
         [--interactive 120] [--interactive-rate 1] [--interactive-output-tokens 32]
-        [--restart-lines 400] [--seed 0] [--front haproxy] [--out bench/]
+        [--restart-lines 400] [--batch-models MODEL...] [--alone-again]
+        [--seed 0] [--front haproxy] [--out bench/]
 
 CONFIG (default configs/bench-cpu-batch.yaml) is served on a private Ray and a free loopback
 port, its batch store in a new temporary directory. In order:
 1. alone: `--interactive` streamed chats, one every 1/`--interactive-rate` s whatever the
    answers (arrivals), alternating over the models, each a new question: time to first token;
 2. with a batch: a batch of `--lines` chats (greedy, `--output-tokens` out, questions of their
-   own) over the models, uploaded and started; then the same interactive arrivals as in 1: the
-   TTFT against 1's; then the batch to its end: lines/s, output tokens/s;
+   own) over the models (or `--batch-models`), uploaded and started; then the same interactive
+   arrivals as in 1: the TTFT against 1's, also by model; then the batch to its end: lines/s,
+   output tokens/s; with `--alone-again`, the interactive arrivals alone once more, after it;
 3. exactly once: the output and error files hold each custom_id once, and all of them;
 4. parity (not with `--latency-only`): every line sent alone (8 at a time, not streamed): its answer against the batch's;
 5. restart (not with `--latency-only`): a batch of the first `--restart-lines` lines; once a tenth is answered, the ingress
@@ -97,10 +99,15 @@ def ttft(results: Sequence[Result], wall_s: float) -> dict[str, Any]:
 
 
 def interactive(url: str, calls: list[Call], interval_s: float) -> dict[str, Any]:
-    """The interactive arrivals' TTFT, and the CPU each process of the app used meanwhile."""
+    """The interactive arrivals' TTFT, over all and by model, and the CPU each process of the
+    app used meanwhile."""
     before = cpu_seconds(descendants())
     results, wall = asyncio.run(open_loop(url, calls, interval_s))
     figures = ttft(results, wall)
+    by_model: dict[str, list[Result]] = {}
+    for call, result in zip(calls, results, strict=True):  # open_loop keeps the calls' order
+        by_model.setdefault(call.body["model"], []).append(result)
+    figures["by_model"] = {model: ttft(rs, wall) for model, rs in by_model.items()}
     figures["cpu"] = busiest(before, cpu_seconds(descendants()), wall, 0, top=8)
     return figures
 
@@ -224,6 +231,8 @@ def start(config: AppConfig, args: argparse.Namespace, port: int) -> tuple[OurAp
 
 def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     models = [m.id for m in config.models]
+    if unknown := set(args.batch_models or ()) - set(models):
+        raise BenchError(f"--batch-models: not in the config: {', '.join(sorted(unknown))}")
     port = free_port()
     print(f"starting {', '.join(models)} (batch store {config.batches.store})...", flush=True)
     app, url = start(config, args, port)
@@ -240,7 +249,7 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
         record["alone"] = interactive(url, calls, interval)
         print(f"  {record['alone']}", flush=True)
 
-        lines = batch_lines(models, args.lines, args.output_tokens, f"{args.seed}/batch")
+        lines = batch_lines(args.batch_models or models, args.lines, args.output_tokens, f"{args.seed}/batch")
         started = time.monotonic()
         batch_id = submit(client, lines, folder, "batch")
         print(f"with a batch of {len(lines)} lines ({batch_id}): the same interactive chats...", flush=True)
@@ -264,6 +273,10 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
             **exactly_once(out, lines),
         }
         print(f"  batch: {record['batch']}", flush=True)
+        if args.alone_again:  # the host's drift over the run shows as the two alone phases' difference
+            print(f"alone again: the same {len(calls)} interactive chats...", flush=True)
+            record["alone_again"] = interactive(url, calls, interval)
+            print(f"  {record['alone_again']}", flush=True)
         if args.latency_only:
             return record
         answers = {r["custom_id"]: answer_text(r) for r in out}
@@ -305,12 +318,25 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
         app.stop()
 
 
+def _against_both(record: dict[str, Any], busy: float | None) -> dict[str, Any]:
+    """With `--alone-again`: the TTFT p95 with a batch against the mean of both alone phases."""
+    if "alone_again" not in record:
+        return {}
+    both = [record["alone"]["ttft_p95_ms"], record["alone_again"]["ttft_p95_ms"]]
+    mean = sum(both) / 2 if all(both) else None
+    return {
+        "ttft_p95_ms_alone_again": both[1],
+        "ttft_p95_rise_against_both": round(busy / mean - 1, 4) if mean and busy else None,
+    }
+
+
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     alone, busy = record["alone"]["ttft_p95_ms"], record["with_batch"]["ttft_p95_ms"]
     latency = {
         "ttft_p95_ms_alone": alone,
         "ttft_p95_ms_with_batch": busy,
         "ttft_p95_rise": round(busy / alone - 1, 4) if alone and busy else None,
+        **_against_both(record, busy),
         "batch_lines_s": record["batch"]["lines_s"],
         "batch_output_tok_s": record["batch"]["output_tok_s"],
     }
@@ -337,7 +363,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--interactive-output-tokens", type=int, default=32)
     parser.add_argument("--restart-lines", type=int, default=400, help="of the batch restarted mid-way")
     parser.add_argument(
+        "--batch-models",
+        nargs="+",
+        metavar="MODEL",
+        help="the models of the batch's lines (default: all); interactive chats still go to all, "
+        "so that their TTFT by model tells the batch's own model from the others",
+    )
+    parser.add_argument(
         "--latency-only", action="store_true", help="phases 1 and 2 only (no parity, no restart)"
+    )
+    parser.add_argument(
+        "--alone-again",
+        action="store_true",
+        help="after the batch, the interactive chats alone once more: the rise is then also "
+        "taken against the mean of both alone phases (a host whose speed drifts)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)

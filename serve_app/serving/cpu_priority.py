@@ -7,11 +7,13 @@ interactive one arrives comes too late: the arrival already shares the cores, an
 cancellation too.
 
 So a model replica runs its engine's processes (vLLM's engine core and the workers below it)
-under Linux's `SCHED_IDLE` policy while it
-has no interactive request in flight (batch requests only, or none), and under the normal
-policy from an interactive request's arrival to its end. A thread under `SCHED_IDLE` runs only
-on cores that nothing else wants: the batch keeps every cycle the interactive path leaves, and
-loses no work.
+under Linux's `SCHED_IDLE` policy while it has no interactive request in flight (batch requests
+only, or none), and under the normal policy from an interactive request's arrival to its end,
+and during a health check. A thread under `SCHED_IDLE` runs only on cores that nothing else
+wants: the batch keeps every cycle the interactive path leaves, and loses no work. An idle
+engine whose workers poll for work (vLLM's CPU workers do) stops taking cores from the rest too.
+What it cannot help is an interactive request that shares its engine's steps with a batch
+request in flight on that same engine.
 
 Any process may put its own children under `SCHED_IDLE`, but taking them out again needs root,
 `CAP_SYS_NICE` (Kubernetes: the container's `securityContext.capabilities.add: [SYS_NICE]`), or
@@ -86,7 +88,7 @@ def can_leave_idle() -> bool:
 
 
 class CpuPriority:
-    """Counts a replica's interactive requests in flight; its engine core processes run at idle
+    """Counts a replica's interactive requests in flight; its engine's processes run at idle
     CPU priority while there are none."""
 
     def __init__(self, model: str, pids: Iterable[int], enabled: bool = True) -> None:

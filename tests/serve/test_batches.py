@@ -74,12 +74,19 @@ def test_a_batch_over_both_demo_models_answers_as_the_requests_sent_one_by_one(l
         assert record["response"]["body"]["choices"][0]["message"] == alone["choices"][0]["message"]
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone, or a zombie, meanwhile: not a replica
+        return []
+
+
 def _engine_processes(model: str) -> list[psutil.Process]:
     """The vLLM processes (engine core, workers, frontends) below `model`'s replica."""
     replicas = [
         p
         for p in psutil.Process().children(recursive=True)
-        if any(part.endswith(f":{model}") and "ServeReplica" in part for part in p.cmdline())
+        if any(part.endswith(f":{model}") and "ServeReplica" in part for part in _cmdline(p))
     ]
     assert len(replicas) == 1, replicas
     return [p for p in replicas[0].children(recursive=True) if p.name().startswith("VLLM::")]
@@ -106,13 +113,18 @@ def test_an_engine_runs_at_idle_cpu_priority_but_for_interactive_requests(local_
         _until(lambda: _policies(processes, compute), idle.__eq__, 5, f"{model}'s engine idle")  # noqa: B023
     body = {"model": asked, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 64}
     body |= {"stream": True, "ignore_eos": True}
-    seen: list[tuple[set[int], set[int]]] = []
+    asked_seen: list[set[int]] = []
+    other_seen: list[set[int]] = []
     with httpx.stream("POST", f"{local_app.url}{CHAT}", json=body, timeout=60) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
-            if line.startswith("data: {") and not seen:  # its first token: in flight
-                seen.append((_policies(engines[asked], compute), _policies(engines[other], compute)))
-    assert seen == [({os.SCHED_OTHER}, idle)]
+            if line.startswith("data: {"):  # a token: the request is in flight
+                asked_seen.append(_policies(engines[asked], compute))
+                other_seen.append(_policies(engines[other], compute))
+    # At its first token (its last chunks may reach this client after the replica let go).
+    assert asked_seen and asked_seen[0] == {os.SCHED_OTHER}, asked_seen
+    # The other engine rises only for its own health checks (a few ms every 10 s).
+    assert idle in other_seen, other_seen
     _until(lambda: _policies(engines[asked], compute), idle.__eq__, 5, "the engine idle again")
 
 

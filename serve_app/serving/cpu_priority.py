@@ -92,11 +92,11 @@ class CpuPriority:
     CPU priority while there are none."""
 
     def __init__(self, model: str, pids: Iterable[int], enabled: bool = True) -> None:
-        """`pids`: the engine's processes (their threads are read at each switch; an engine
-        lives as long as its replica, so its processes stay the same)."""
+        """`pids`: the engine's processes; those below them count too (their threads are read at
+        each switch; an engine lives as long as its replica, so its processes stay the same)."""
         self._model = model
-        self._pids = list(pids)
         self._enabled = enabled and SUPPORTED and can_leave_idle()
+        self._pids = with_descendants(pids) if self._enabled else []
         self._interactive = 0
         if enabled and not self._enabled:
             logger.warning(

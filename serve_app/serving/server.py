@@ -17,7 +17,7 @@ from serve_app.errors import error_body
 from serve_app.guards.adapters import AdapterError
 from serve_app.serving.adapters import AdapterSpec, ReplicaAdapters
 from serve_app.serving.autoscaling import KV_CACHE, POLICY_IMPORT_PATH, RUNNING, WAITING
-from serve_app.serving.cpu_priority import CpuPriority, with_descendants
+from serve_app.serving.cpu_priority import CpuPriority
 from serve_app.serving.gpu_lease import HolderInfo, ServeLease, gpu_key
 from serve_app.serving.lanes import Lane
 from serve_app.serving.ray_compat import report_multiplexed_ids
@@ -107,11 +107,7 @@ class ModelServer:
             ReplicaAdapters(config, self._engine, metrics, report_multiplexed_ids) if lora else None
         )
         self._lane = Lane()  # interactive requests first (serve_app.serving.lanes)
-        self._cpu = CpuPriority(
-            config.id,
-            with_descendants(self._engine.core_pids) if idle_cpu_priority else [],
-            idle_cpu_priority,
-        )
+        self._cpu = CpuPriority(config.id, self._engine.core_pids, idle_cpu_priority)
         self._gauges_task = asyncio.create_task(self._report_load())
 
     def _warm_tier(self, leases: Any) -> WarmTier | None:

@@ -19,9 +19,11 @@ import openai
 import psutil
 import pytest
 
+from serve_app.config import ModelConfig
+from serve_app.local.processes import process_label
 from serve_app.local.ray_token import auth_headers
 from serve_app.serving.cpu_priority import SUPPORTED, can_leave_idle, thread_ids
-from tests.serve.conftest import RunningApp
+from tests.serve.conftest import APP_NAME, RunningApp
 
 APP, PREFIX = "batches", "/batches"
 CHAT = "/v1/chat/completions"
@@ -74,20 +76,10 @@ def test_a_batch_over_both_demo_models_answers_as_the_requests_sent_one_by_one(l
         assert record["response"]["body"]["choices"][0]["message"] == alone["choices"][0]["message"]
 
 
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # gone, or a zombie, meanwhile: not a replica
-        return []
-
-
-def _engine_processes(model: str) -> list[psutil.Process]:
+def _engine_processes(model: ModelConfig) -> list[psutil.Process]:
     """The vLLM processes (engine core, workers, frontends) below `model`'s replica."""
-    replicas = [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if any(part.endswith(f":{model}") and "ServeReplica" in part for part in _cmdline(p))
-    ]
+    title = f"ServeReplica:{APP_NAME}:{model.deployment_name}"
+    replicas = [p for p in psutil.Process().children(recursive=True) if process_label(p) == title]
     assert len(replicas) == 1, replicas
     return [p for p in replicas[0].children(recursive=True) if p.name().startswith("VLLM::")]
 
@@ -106,7 +98,7 @@ def test_an_engine_runs_at_idle_cpu_priority_but_for_interactive_requests(local_
     assert local_app.config.batches.idle_cpu_priority
     asked, other = (m.id for m in local_app.config.models)
     compute = ("VLLM::EngineCore", "VLLM::Worker")
-    engines = {model: _engine_processes(model) for model in (asked, other)}
+    engines = {model.id: _engine_processes(model) for model in local_app.config.models}
     idle = {os.SCHED_IDLE}
     for model, processes in engines.items():
         assert {p.name() for p in processes} >= set(compute), (model, processes)

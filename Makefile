@@ -62,8 +62,9 @@ ADAPTERS_CONFIG ?= configs/bench-cpu-adapters.yaml
 bench-adapters: install models
 	$(PY) -m serve_app.tools.bench.adapters $(ADAPTERS_CONFIG) $(BENCH_ARGS)
 
-# Offline batches: a 2,000-line batch over both demo models, interactive TTFT beside it, parity
-# with the same requests one by one, and a batch through an ingress kill and an app restart.
+# Offline batches: a 2,000-line batch over both demo models, interactive TTFT beside a batch
+# against alone (8 rounds of each in turn), parity with the same requests one by one, and a
+# batch through an ingress kill and an app restart.
 BATCH_CONFIG ?= configs/bench-cpu-batch.yaml
 bench-batch: install models
 	$(PY) -m serve_app.tools.bench.batch $(BATCH_CONFIG) $(BENCH_ARGS)

@@ -628,3 +628,61 @@ def test_the_batch_bench_puts_its_lines_on_the_models_asked_and_refuses_others(t
     config = batch_bench.load_config(ROOT / "configs/bench-cpu-batch.yaml", tmp_path / "store")
     with pytest.raises(BenchError, match="nope"):
         batch_bench.measure(config, args, tmp_path)
+
+
+def test_the_batch_bench_takes_its_rounds_in_turn_and_pools_each_condition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--rounds`: blocks A B, B A, A B, ... with questions (and batches) of their own; each
+    condition's TTFT over all its blocks; each round's rise against its own alone block."""
+    from serve_app.tools.bench import batch as batch_bench
+    from serve_app.tools.load import Result
+
+    order: list[tuple[str, str]] = []  # (kind, first question) of each block
+    batches: list[str] = []  # the first question of each batch
+    beside = False
+
+    def fake_arrivals(url: str, calls: list[Any], interval_s: float) -> tuple[list[Result], dict[str, Any]]:
+        order.append(("with_batch" if beside else "alone", calls[0].body["messages"][0]["content"]))
+        ttft_s = 0.030 if beside else 0.020
+        results = [Result(start_s=i, ttft_s=ttft_s, status=200, done=True) for i in range(len(calls))]
+        return results, batch_bench.ttft(results, 5.0)
+
+    def fake_beside(
+        url: str, client: Any, calls: list[Any], interval_s: float, lines: list[dict[str, Any]], *_: Any
+    ) -> tuple[list[Result], dict[str, Any]]:
+        nonlocal beside
+        batches.append(lines[0]["body"]["messages"][0]["content"])
+        beside = True
+        try:
+            results, figures = fake_arrivals(url, calls, interval_s)
+        finally:
+            beside = False
+        figures["batch"] = {"answered": 7}
+        return results, figures
+
+    monkeypatch.setattr(batch_bench, "arrivals", fake_arrivals)
+    monkeypatch.setattr(batch_bench, "beside_a_batch", fake_beside)
+    args = batch_bench.parse_args(
+        ["c.yaml", "--rounds", "3", "--interactive", "30", "--lines", "20", "--latency-only"]
+    )
+    record = batch_bench.latency_rounds("http://127.0.0.1:1", None, ["a", "b"], args, tmp_path)  # type: ignore[arg-type]
+
+    kinds = [kind for kind, _ in order]
+    assert kinds == ["alone", "with_batch", "with_batch", "alone", "alone", "with_batch"]
+    assert len({question for _, question in order}) == 6 and len(set(batches)) == 3  # none asked twice
+    assert record["alone"]["requests"] == record["with_batch"]["requests"] == 30
+    assert record["alone"]["ttft_p95_ms"] == 20.0 and record["with_batch"]["ttft_p95_ms"] == 30.0
+    assert set(record["alone"]["by_model"]) == {"a", "b"}
+    assert record["with_batch"]["batch_lines_answered_meanwhile"] == 21
+    summary = batch_bench.summary(record)
+    assert summary["ttft_p95_rise"] == 0.5 and summary["ttft_p95_rise_by_round"] == [0.5, 0.5, 0.5]
+    assert "batch_lines_s" not in summary  # no batch ran to its end with --latency-only
+
+    for bad in (
+        ["--rounds", "0"],
+        ["--rounds", "31", "--interactive", "30"],
+        ["--rounds", "2", "--alone-again"],
+    ):
+        with pytest.raises(SystemExit):
+            batch_bench.parse_args(["c.yaml", "--latency-only", *bad])

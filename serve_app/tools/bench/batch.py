@@ -3,18 +3,23 @@ interactive latency, whether its answers are those of the same requests sent one
 whether it survives its ingress killed and the whole app restarted.
 
     python -m serve_app.tools.bench.batch [CONFIG] [--lines 2000] [--output-tokens 16]
-        [--interactive 120] [--interactive-rate 1] [--interactive-output-tokens 32]
-        [--restart-lines 400] [--batch-models MODEL...] [--alone-again]
+        [--interactive 400] [--interactive-rate 1] [--interactive-output-tokens 32]
+        [--restart-lines 400] [--batch-models MODEL...] [--rounds 8 | --rounds 1 --alone-again]
         [--seed 0] [--front haproxy] [--out bench/]
 
 CONFIG (default configs/bench-cpu-batch.yaml) is served on a private Ray and a free loopback
 port, its batch store in a new temporary directory. In order:
-1. alone: `--interactive` streamed chats, one every 1/`--interactive-rate` s whatever the
-   answers (arrivals), alternating over the models, each a new question: time to first token;
-2. with a batch: a batch of `--lines` chats (greedy, `--output-tokens` out, questions of their
-   own) over the models (or `--batch-models`), uploaded and started; then the same interactive
-   arrivals as in 1: the TTFT against 1's, also by model; then the batch to its end: lines/s,
-   output tokens/s; with `--alone-again`, the interactive arrivals alone once more, after it;
+1. latency: `--rounds` R rounds of two blocks taken in turn (A B, B A, A B, ...), each block
+   `--interactive`/R streamed chats, one every 1/`--interactive-rate` s whatever the answers
+   (arrivals), alternating over the models, each a new question; alone (A), or beside a batch
+   of `--lines` new chats (B: greedy, `--output-tokens` out, over the models or
+   `--batch-models`) started with the block and cancelled at its end. The time to first token
+   of all A blocks against all B blocks, also by model and by round: a host whose speed drifts
+   over the run weighs on both alike. With `--rounds 1`: the chats alone, then the batch of 2
+   started and the same chats beside it (and with `--alone-again` alone once more after it);
+2. the batch: `--lines` chats (the same kind) to their end: lines/s, output tokens/s; with no
+   interactive chats (with `--rounds 1`, it is 1's batch; with more rounds and
+   `--latency-only`, it does not run);
 3. exactly once: the output and error files hold each custom_id once, and all of them;
 4. parity (not with `--latency-only`): every line sent alone (8 at a time, not streamed): its answer against the batch's;
 5. restart (not with `--latency-only`): a batch of the first `--restart-lines` lines; once a tenth is answered, the ingress
@@ -40,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve_app.local.batch import BatchClient
+from serve_app.local.batch import BatchClient, BatchCliError
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.local.processes import descendants
@@ -98,18 +103,27 @@ def ttft(results: Sequence[Result], wall_s: float) -> dict[str, Any]:
     }
 
 
-def interactive(url: str, calls: list[Call], interval_s: float) -> dict[str, Any]:
-    """The interactive arrivals' TTFT, over all and by model, and the CPU each process of the
-    app used meanwhile."""
+def by_model(calls: Sequence[Call], results: Sequence[Result], wall_s: float) -> dict[str, Any]:
+    """The TTFT figures of each model's calls (`results` in the order of `calls`)."""
+    grouped: dict[str, list[Result]] = {}
+    for call, result in zip(calls, results, strict=True):
+        grouped.setdefault(call.body["model"], []).append(result)
+    return {model: ttft(rs, wall_s) for model, rs in grouped.items()}
+
+
+def arrivals(url: str, calls: list[Call], interval_s: float) -> tuple[list[Result], dict[str, Any]]:
+    """The interactive arrivals' results, and their TTFT over all and by model, with the CPU
+    each process of the app used meanwhile."""
     before = cpu_seconds(descendants())
     results, wall = asyncio.run(open_loop(url, calls, interval_s))
     figures = ttft(results, wall)
-    by_model: dict[str, list[Result]] = {}
-    for call, result in zip(calls, results, strict=True):  # open_loop keeps the calls' order
-        by_model.setdefault(call.body["model"], []).append(result)
-    figures["by_model"] = {model: ttft(rs, wall) for model, rs in by_model.items()}
+    figures["by_model"] = by_model(calls, results, wall)  # open_loop keeps the calls' order
     figures["cpu"] = busiest(before, cpu_seconds(descendants()), wall, 0, top=8)
-    return figures
+    return results, figures
+
+
+def interactive(url: str, calls: list[Call], interval_s: float) -> dict[str, Any]:
+    return arrivals(url, calls, interval_s)[1]
 
 
 # --- the batch -----------------------------------------------------------------------------
@@ -221,6 +235,140 @@ def kill_ingress() -> int:
     raise BenchError(f"no process titled {title} to kill")
 
 
+ALONE, BUSY = "alone", "with_batch"
+
+
+def beside_a_batch(
+    url: str,
+    client: BatchClient,
+    calls: list[Call],
+    interval_s: float,
+    lines: list[dict[str, Any]],
+    folder: Path,
+    name: str,
+) -> tuple[list[Result], dict[str, Any]]:
+    """`calls` while a batch of `lines` runs; then the batch cancelled and waited for until it
+    stopped, its outputs checked (no line answered twice, none unknown)."""
+    batch_id = submit(client, lines, folder, name)
+    results, figures = arrivals(url, calls, interval_s)
+    batch = client.get(batch_id)
+    ran_out = finished(batch)  # the block then measured the app partly alone: more --lines
+    if not ran_out:
+        try:
+            client.cancel(batch_id)
+        except BatchCliError as exc:  # 400 if it finished in between; anything else shows below
+            print(f"  cancelling {batch_id}: {exc}", flush=True)
+        batch = wait_for(lambda: client.get(batch_id), finished, 300)
+    once = exactly_once(outputs(client, batch, folder), lines)
+    figures["batch"] = {
+        "id": batch_id,
+        "status": batch["status"],
+        "ended_before_the_block": ran_out,
+        **{k: once[k] for k in ("answered", "duplicated", "unknown", "failed")},
+    }
+    if ran_out:
+        print(f"  warning: batch {batch_id} ended before its block did: raise --lines", flush=True)
+    return results, figures
+
+
+def latency_rounds(
+    url: str, client: BatchClient, models: list[str], args: argparse.Namespace, folder: Path
+) -> dict[str, Any]:
+    """`--rounds` R: the interactive arrivals in 2R blocks, alone and beside a batch in turn (A B,
+    B A, A B, ...: both conditions at the same mean time of the run), so that a host whose speed
+    drifts weighs on both alike. Every block asks questions of its own; each batch block starts
+    a batch of `--lines` new lines and cancels it at its end."""
+    per_block = args.interactive // args.rounds
+    interval = 1 / args.interactive_rate
+    calls_of: dict[str, list[Call]] = {ALONE: [], BUSY: []}
+    results_of: dict[str, list[Result]] = {ALONE: [], BUSY: []}
+    wall_of = {ALONE: 0.0, BUSY: 0.0}
+    blocks: list[dict[str, Any]] = []
+    for r in range(1, args.rounds + 1):
+        for kind in (ALONE, BUSY) if r % 2 else (BUSY, ALONE):
+            seed = f"{args.seed}/round-{r}"
+            calls = interactive_calls(models, per_block, args.interactive_output_tokens, f"{seed}/{kind}")
+            print(f"round {r}/{args.rounds}, {kind}: {per_block} interactive chats...", flush=True)
+            if kind == ALONE:
+                results, figures = arrivals(url, calls, interval)
+            else:
+                lines = batch_lines(
+                    args.batch_models or models, args.lines, args.output_tokens, f"{seed}/batch"
+                )
+                results, figures = beside_a_batch(url, client, calls, interval, lines, folder, f"round-{r}")
+            print(f"  {ttft(results, figures['wall_s'])}", flush=True)
+            blocks.append({"round": r, "kind": kind, **figures})
+            calls_of[kind] += calls
+            results_of[kind] += results
+            wall_of[kind] += figures["wall_s"]
+    record: dict[str, Any] = {
+        kind: {
+            **ttft(results_of[kind], wall_of[kind]),
+            "by_model": by_model(calls_of[kind], results_of[kind], wall_of[kind]),
+        }
+        for kind in (ALONE, BUSY)
+    }
+    record[BUSY]["batch_lines_answered_meanwhile"] = sum(
+        b["batch"]["answered"] for b in blocks if "batch" in b
+    )
+    for kind in (ALONE, BUSY):
+        print(f"{kind}, all rounds: {ttft(results_of[kind], wall_of[kind])}", flush=True)
+    record["blocks"] = blocks
+    return record
+
+
+def latency_once(
+    url: str,
+    client: BatchClient,
+    calls: list[Call],
+    interval_s: float,
+    lines: list[dict[str, Any]],
+    folder: Path,
+    record: dict[str, Any],
+) -> tuple[str, float]:
+    """`calls` alone, then the batch of `lines` started and `calls` again beside it (their
+    figures into `record`); the batch's id and when it started."""
+    print(f"alone: {len(calls)} interactive chats, one every {interval_s:.2f} s...", flush=True)
+    record[ALONE] = interactive(url, calls, interval_s)
+    print(f"  {record[ALONE]}", flush=True)
+    started = time.monotonic()
+    batch_id = submit(client, lines, folder, "batch")
+    print(f"with a batch of {len(lines)} lines ({batch_id}): the same interactive chats...", flush=True)
+    record[BUSY] = interactive(url, calls, interval_s)
+    during = client.get(batch_id)
+    record[BUSY]["batch_lines_answered_meanwhile"] = (
+        during["request_counts"]["completed"] + during["request_counts"]["failed"]
+    )
+    print(f"  {record[BUSY]}", flush=True)
+    return batch_id, started
+
+
+def to_its_end(
+    client: BatchClient,
+    batch_id: str,
+    lines: list[dict[str, Any]],
+    started: float,
+    folder: Path,
+    timeout_s: float,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Wait for a batch to finish: its figures from `started` (lines/s, tokens/s, exactly once),
+    and its output and error lines."""
+    batch = wait_for(lambda: client.get(batch_id), finished, timeout_s)
+    wall = time.monotonic() - started
+    out = outputs(client, batch, folder)
+    tokens = (batch.get("usage") or {}).get("output_tokens") or 0
+    figures = {
+        "status": batch["status"],
+        "request_counts": batch["request_counts"],
+        "wall_s": round(wall, 1),
+        "lines_s": round(len(lines) / wall, 2),
+        "output_tokens": tokens,
+        "output_tok_s": round(tokens / wall, 1),
+        **exactly_once(out, lines),
+    }
+    return figures, out
+
+
 def start(config: AppConfig, args: argparse.Namespace, port: int) -> tuple[OurApp, str]:
     app = OurApp(config, port, args.start_timeout_s, args.front)
     began = time.monotonic()
@@ -241,37 +389,21 @@ def measure(config: AppConfig, args: argparse.Namespace, folder: Path) -> dict[s
     try:
         warm = interactive_calls(models, 8, 8, f"{args.seed}/warm")
         asyncio.run(open_loop(url, warm, 0.1))
+        interval = 1 / args.interactive_rate
+        lines = batch_lines(args.batch_models or models, args.lines, args.output_tokens, f"{args.seed}/batch")
         calls = interactive_calls(
             models, args.interactive, args.interactive_output_tokens, f"{args.seed}/chat"
         )
-        interval = 1 / args.interactive_rate
-        print(f"alone: {len(calls)} interactive chats, one every {interval:.2f} s...", flush=True)
-        record["alone"] = interactive(url, calls, interval)
-        print(f"  {record['alone']}", flush=True)
-
-        lines = batch_lines(args.batch_models or models, args.lines, args.output_tokens, f"{args.seed}/batch")
-        started = time.monotonic()
-        batch_id = submit(client, lines, folder, "batch")
-        print(f"with a batch of {len(lines)} lines ({batch_id}): the same interactive chats...", flush=True)
-        record["with_batch"] = interactive(url, calls, interval)
-        during = client.get(batch_id)
-        record["with_batch"]["batch_lines_answered_meanwhile"] = (
-            during["request_counts"]["completed"] + during["request_counts"]["failed"]
-        )
-        print(f"  {record['with_batch']}", flush=True)
-        batch = wait_for(lambda: client.get(batch_id), finished, args.batch_timeout_s)
-        wall = time.monotonic() - started
-        out = outputs(client, batch, folder)
-        tokens = (batch.get("usage") or {}).get("output_tokens") or 0
-        record["batch"] = {
-            "status": batch["status"],
-            "request_counts": batch["request_counts"],
-            "wall_s": round(wall, 1),
-            "lines_s": round(len(lines) / wall, 2),
-            "output_tokens": tokens,
-            "output_tok_s": round(tokens / wall, 1),
-            **exactly_once(out, lines),
-        }
+        if args.rounds > 1:
+            record.update(latency_rounds(url, client, models, args, folder))
+            if args.latency_only:
+                return record
+            started = time.monotonic()
+            batch_id = submit(client, lines, folder, "batch")
+            print(f"the batch of {len(lines)} lines ({batch_id}), no interactive chats...", flush=True)
+        else:
+            batch_id, started = latency_once(url, client, calls, interval, lines, folder, record)
+        record["batch"], out = to_its_end(client, batch_id, lines, started, folder, args.batch_timeout_s)
         print(f"  batch: {record['batch']}", flush=True)
         if args.alone_again:  # the host's drift over the run shows as the two alone phases' difference
             print(f"alone again: the same {len(calls)} interactive chats...", flush=True)
@@ -330,6 +462,20 @@ def _against_both(record: dict[str, Any], busy: float | None) -> dict[str, Any]:
     }
 
 
+def _by_round(record: dict[str, Any]) -> dict[str, Any]:
+    """With `--rounds`: each round's TTFT p95 rise (its batch block against its alone block)."""
+    if "blocks" not in record:
+        return {}
+    p95: dict[tuple[int, str], float | None] = {
+        (b["round"], b["kind"]): b["ttft_p95_ms"] for b in record["blocks"]
+    }
+    rises = []
+    for r in sorted({r for r, _ in p95}):
+        alone, busy = p95.get((r, ALONE)), p95.get((r, BUSY))
+        rises.append(round(busy / alone - 1, 4) if alone and busy else None)
+    return {"ttft_p95_rise_by_round": rises}
+
+
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     alone, busy = record["alone"]["ttft_p95_ms"], record["with_batch"]["ttft_p95_ms"]
     latency = {
@@ -337,8 +483,15 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
         "ttft_p95_ms_with_batch": busy,
         "ttft_p95_rise": round(busy / alone - 1, 4) if alone and busy else None,
         **_against_both(record, busy),
-        "batch_lines_s": record["batch"]["lines_s"],
-        "batch_output_tok_s": record["batch"]["output_tok_s"],
+        **_by_round(record),
+        **(
+            {
+                "batch_lines_s": record["batch"]["lines_s"],
+                "batch_output_tok_s": record["batch"]["output_tok_s"],
+            }
+            if "batch" in record
+            else {}
+        ),
     }
     if "restart" not in record:
         return latency
@@ -358,7 +511,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("config", type=Path, nargs="?", default=DEFAULT_CONFIG, help="app config (YAML)")
     parser.add_argument("--lines", type=int, default=2000, help="requests in the batch")
     parser.add_argument("--output-tokens", type=int, default=16, help="of each batch request")
-    parser.add_argument("--interactive", type=int, default=120, help="interactive chats per phase")
+    parser.add_argument(
+        "--interactive", type=int, default=400, help="interactive chats alone, and as many beside a batch"
+    )
     parser.add_argument("--interactive-rate", type=float, default=1.0, help="interactive chats per second")
     parser.add_argument("--interactive-output-tokens", type=int, default=32)
     parser.add_argument("--restart-lines", type=int, default=400, help="of the batch restarted mid-way")
@@ -378,6 +533,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="after the batch, the interactive chats alone once more: the rise is then also "
         "taken against the mean of both alone phases (a host whose speed drifts)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="the interactive chats in this many rounds of two blocks, alone and beside a batch of "
+        "--lines new lines (cancelled at the block's end), in turn A B, B A, ...: a host's drift "
+        "then weighs on both; 1: all alone, then all beside the batch that runs to its end",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
     parser.add_argument("--batch-timeout-s", type=float, default=3600.0)
@@ -389,6 +552,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not args.latency_only and not 10 <= args.restart_lines <= args.lines:
         parser.error("--restart-lines must be between 10 and --lines")
+    if args.rounds < 1 or args.interactive % args.rounds:
+        parser.error("--interactive must be a multiple of --rounds (at least 1)")
+    if args.rounds > 1 and args.alone_again:
+        parser.error("--alone-again is for one round: --rounds already takes the alone phase in turns")
     if args.interactive_rate <= 0:
         parser.error("--interactive-rate must be positive")
     return args

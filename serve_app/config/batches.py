@@ -60,10 +60,12 @@ class BatchOptions(StrictModel):
         "token (batches run beside its decoding), or until its end (they run only between "
         "interactive requests).",
     )
-    preempt: bool = Field(
+    preempt: bool | Literal["model"] = Field(
         True,
         description="Cancel batch requests in flight when an interactive request arrives (sent again "
-        "later); off, they run to their end beside it.",
+        "later): true, all those it holds back (batches.yield_to); model, only those to its own "
+        "model, which share its engine's steps (the others run on); false, none: they run to their "
+        "end beside it.",
     )
     idle_cpu_priority: bool = Field(
         False,

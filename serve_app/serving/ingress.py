@@ -295,9 +295,10 @@ class OpenAIIngress:
         lane = self._lanes.lane(model.card.id)
         if batch:  # when the lane is quiet; again if an interactive request preempts it
             return await lane.run_batch(
-                lambda _: dispatch(model, name, route, body, record, affinity, adapter, batch=True)
+                lambda _: dispatch(model, name, route, body, record, affinity, adapter, batch=True),
+                model.card.id,
             )
-        record.hold = lane.hold()  # released at its first token or its end (batches.yield_until)
+        record.hold = lane.hold(model.card.id)  # released at its first token or its end (batches.yield_until)
         record.release_hold_at_first_chunk = self._hold_to_first_token
         return await dispatch(model, name, route, body, record, affinity, adapter)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -471,6 +471,36 @@ def test_an_interactive_request_preempts_a_batch_request_in_the_engine_and_start
     with_app(cfg(tmp_path, model), scenario)
 
 
+def test_with_preempt_model_an_arrival_preempts_only_the_batch_request_on_its_own_model(
+    tmp_path: Path,
+) -> None:
+    """One lane over two models (`yield_to: app`), `preempt: model`: a chat to `a` cancels the
+    batch request in flight on `a` (sent again after it) and lets the one on `b` run on."""
+    slow = {"ttft_s": 0.05, "tokens_per_s": 20.0}
+    models = fake("a", engine_args=slow), fake("b", engine_args=slow)
+
+    async def scenario(app: InProcessApp) -> None:
+        async with app.client() as http:
+            lines = [
+                asyncio.ensure_future(
+                    app.ingress.batch_line(
+                        "anonymous", Route.CHAT, json.dumps(chat(model=name, max_tokens=20)).encode(), name
+                    )
+                )
+                for name in ("a", "b")
+            ]
+            await asyncio.sleep(0.3)
+            response = await http.post(CHAT, json=chat(model="a", max_tokens=2))
+            answers = await asyncio.gather(*lines)
+        assert response.status_code == 200 and [a.status for a in answers] == [200, 200]
+        batched = {
+            name: [k.get("batch", False) for k in handle.keywords] for name, handle in app.handles.items()
+        }
+        assert batched == {"a": [True, False, True], "b": [True]}, batched
+
+    with_app(cfg(tmp_path, *models, batches={"yield_to": "app", "preempt": "model"}), scenario)
+
+
 def test_a_removed_key_s_batch_requests_are_refused(tmp_path: Path) -> None:
     async def scenario(app: InProcessApp) -> None:
         answer = await app.ingress.batch_line(hash_key("gone"), Route.CHAT, json.dumps(chat()).encode(), "r1")
@@ -606,6 +636,36 @@ def test_a_lane_starts_batch_requests_only_once_it_has_been_quiet_for_its_settle
         t1 = asyncio.get_running_loop().time()
         await lane.quiet()  # quiet long enough already
         assert asyncio.get_running_loop().time() - t1 < 0.05
+
+    run(scenario)
+
+
+def test_a_lane_preempting_by_model_cancels_only_the_batch_requests_of_the_arrivals_model() -> None:
+    """`preempt: model` in a lane over several models (`yield_to: app`): an arrival cancels the
+    batch request that shares its engine, lets the other model's run on, and holds back both
+    models' new ones until it releases."""
+
+    async def scenario() -> None:
+        lane = Lane(preempt="model")
+        attempts: list[tuple[str, int]] = []
+
+        def attempt(model: str) -> Callable[[int], Awaitable[int]]:
+            async def run(preempted: int) -> int:
+                attempts.append((model, preempted))
+                await asyncio.sleep(0.2)
+                return preempted
+
+            return run
+
+        same = asyncio.ensure_future(lane.run_batch(attempt("a"), "a"))
+        other = asyncio.ensure_future(lane.run_batch(attempt("b"), "b"))
+        await asyncio.sleep(0.05)
+        hold = lane.hold("a")
+        assert await asyncio.wait_for(other, 2) == 0  # model b's ran to its end beside it
+        await asyncio.sleep(0.1)
+        assert not same.done() and attempts == [("a", 0), ("b", 0)]  # a's cancelled, held back
+        hold.release()
+        assert await asyncio.wait_for(same, 2) == 1 and attempts[-1] == ("a", 1)
 
     run(scenario)
 

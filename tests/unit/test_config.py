@@ -160,3 +160,11 @@ def test_config_is_immutable() -> None:
     config = AppConfig.model_validate({"models": [MINIMAL]})
     with pytest.raises(ValueError):
         config.models[0].id = "other"  # type: ignore[misc]
+
+
+def test_batch_preemption_is_on_off_or_by_model() -> None:
+    for value in (True, False, "model"):
+        config = load_app_config({"models": [MINIMAL], "batches": {"preempt": value}}, source="src")
+        assert config.batches.preempt == value
+    with pytest.raises(ConfigError, match=r"src: batches\.preempt"):
+        load_app_config({"models": [MINIMAL], "batches": {"preempt": "app"}}, source="src")

@@ -193,16 +193,20 @@ def url(gpu_cluster: None) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(models: list[dict[str, Any]], ingress: dict[str, Any] | None = None) -> None:
-    """Run the app with these models (replacing the one before) and wait until it is ready."""
+def deploy(
+    models: list[dict[str, Any]], ingress: dict[str, Any] | None = None, batch_store: Path | None = None
+) -> None:
+    """Run the app with these models (replacing the one before) and wait until it is ready;
+    with the Batch API where `batch_store` says where it keeps its files."""
     from ray import serve
 
     from serve_app.config import load_app_config
     from serve_app.serving.builder import build_openai_app
 
-    # No Batch API here (tests/serve/test_batches.py runs it): nothing written to the home directory.
+    # Without a store, no Batch API: nothing written to the home directory.
+    batches = {"store": str(batch_store)} if batch_store is not None else {"enabled": False}
     config = load_app_config(
-        {"models": models, "ingress": {"num_cpus": 0.1, **(ingress or {})}, "batches": {"enabled": False}}
+        {"models": models, "ingress": {"num_cpus": 0.1, **(ingress or {})}, "batches": batches}
     )
     with SERVE_API_LOCK:
         app = build_openai_app(config)

@@ -107,6 +107,61 @@ def test_scale_to_zero_and_back_without_failing(url: str, trace: list[ReplicaTra
     report("scale_to_zero", cold_start_to_first_token_s=round(cold_start or 0, 2), burst_peak_replicas=peak)
 
 
+def test_a_batch_scales_a_model_up_from_zero_and_completes(
+    url: str, trace: list[ReplicaTrace], tmp_path: Path
+) -> None:
+    """A batch whose model has no replica: its requests wait at the ingress as any request
+    does, which asks the model to scale up (and Ray for a GPU node); every line is answered."""
+    from serve_app.local.batch import BatchClient
+
+    deploy(
+        [
+            fake_model(
+                "cold",
+                startup_s=1.0,
+                autoscaling={"min_replicas": 0, "max_replicas": 2, "downscale_to_zero_delay_s": 3},
+            )
+        ],
+        batch_store=tmp_path / "store",
+    )
+    replicas = ReplicaTrace("cold").start()
+    trace.append(replicas)
+    time.sleep(2)
+    assert replicas.running() == 0
+
+    body = {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    lines = [
+        {"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for i in range(6)
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    client = BatchClient(url, None)
+    try:
+        file_id = client.upload(path)["id"]
+        batch = client.create(file_id, "/v1/chat/completions", None)
+        batch = wait_for_batch(client, batch["id"], 180)
+        assert batch["status"] == "completed", batch
+        assert batch["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+        out = tmp_path / "out.jsonl"
+        client.download(batch["output_file_id"], out)
+        answers = [json.loads(x) for x in out.read_text().splitlines()]
+    finally:
+        client.close()
+    assert sorted(a["custom_id"] for a in answers) == sorted(line["custom_id"] for line in lines)
+    assert all(a["response"]["status_code"] == 200 for a in answers)
+    assert max(total for _, _, total in replicas.samples) >= 1
+
+
+def wait_for_batch(client: Any, batch_id: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch: dict[str, Any] = client.get(batch_id)
+        if batch["status"] in ("completed", "failed", "expired", "cancelled") or time.monotonic() > deadline:
+            return batch
+        time.sleep(0.5)
+
+
 def test_request_waiting_past_its_bound_gets_503_with_retry_after(url: str) -> None:
     deploy(
         [

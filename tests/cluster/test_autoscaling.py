@@ -112,7 +112,7 @@ def test_a_batch_scales_a_model_up_from_zero_and_completes(
 ) -> None:
     """A batch whose model has no replica: its requests wait at the ingress as any request
     does, which asks the model to scale up (and Ray for a GPU node); every line is answered."""
-    from serve_app.local.batch import BatchClient
+    from serve_app.local.batch import FINAL, BatchClient
 
     deploy(
         [
@@ -140,7 +140,8 @@ def test_a_batch_scales_a_model_up_from_zero_and_completes(
     try:
         file_id = client.upload(path)["id"]
         batch = client.create(file_id, "/v1/chat/completions", None)
-        batch = wait_for_batch(client, batch["id"], 180)
+        wait_for(lambda: client.get(batch["id"])["status"] in FINAL, 180, "the batch's end")
+        batch = client.get(batch["id"])
         assert batch["status"] == "completed", batch
         assert batch["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
         out = tmp_path / "out.jsonl"
@@ -151,15 +152,6 @@ def test_a_batch_scales_a_model_up_from_zero_and_completes(
     assert sorted(a["custom_id"] for a in answers) == sorted(line["custom_id"] for line in lines)
     assert all(a["response"]["status_code"] == 200 for a in answers)
     assert max(total for _, _, total in replicas.samples) >= 1
-
-
-def wait_for_batch(client: Any, batch_id: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch: dict[str, Any] = client.get(batch_id)
-        if batch["status"] in ("completed", "failed", "expired", "cancelled") or time.monotonic() > deadline:
-            return batch
-        time.sleep(0.5)
 
 
 def test_request_waiting_past_its_bound_gets_503_with_retry_after(url: str) -> None:

@@ -45,7 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve_app.local.batch import BatchClient, BatchCliError
+from serve_app.local.batch import FINAL, BatchClient, BatchCliError
 from serve_app.local.front import add_front_option
 from serve_app.local.launcher import free_port
 from serve_app.local.processes import descendants
@@ -158,7 +158,7 @@ def answered(at_least: int) -> Callable[[dict[str, Any]], bool]:
 
 
 def finished(batch: dict[str, Any]) -> bool:
-    return batch.get("status") in ("completed", "failed", "expired", "cancelled")
+    return batch.get("status") in FINAL
 
 
 def outputs(client: BatchClient, batch: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
